@@ -1,0 +1,36 @@
+"""`ds-distill <command>`: one console script for every user-facing tool."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with `main(argv) -> int`, one-line help)
+COMMANDS = {
+    "train": ("ds_distill.train", "train from a recipe (same as python -m ds_distill.train)"),
+    "make-tiny-wan": ("ds_distill.models.tiny", "write a tiny random Wan2.1 T2V directory (offline)"),
+    "make-toy-data": ("ds_distill.utils.toy_data", "write a toy parquet dataset with a known distribution"),
+    "report": ("ds_distill.report", "environment and op report (ds_report plus our ops)"),
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    rows = "\n".join(f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items())
+    return f"usage: ds-distill <command> [args]\n\ncommands:\n{rows}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), end="")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n{usage()}", file=sys.stderr, end="")
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

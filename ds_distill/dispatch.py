@@ -1,0 +1,183 @@
+"""Registries of model families and methods, and `build_runtime`: recipe -> roles, engines, adapter, method.
+
+Adding a family or a method is one registration each (N+M), never a family x method combination.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ds_distill.errors import RecipeError
+
+logger = logging.getLogger("ds_distill")
+
+_FAMILIES: dict[str, type] = {}
+_METHODS: dict[str, type] = {}
+
+# Built-ins are imported explicitly (no package scanning), so what exists is visible here.
+_BUILTIN_MODULES = (
+    "ds_distill.models.wan",
+    "ds_distill.methods.fine_tuning.finetune",
+    "ds_distill.methods.distribution_matching.dmd2",
+)
+
+
+def _register(table: dict, kind: str, name: str) -> Callable[[type], type]:
+    def deco(cls: type) -> type:
+        if name in table and table[name] is not cls:
+            raise ValueError(f"{kind} {name!r} is already registered by {table[name].__module__}")
+        table[name] = cls
+        return cls
+
+    return deco
+
+
+def register_family(name: str) -> Callable[[type], type]:
+    """Class decorator: make a model family available as `recipe.family: <name>`."""
+    return _register(_FAMILIES, "family", name)
+
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Class decorator: make a method available as `recipe.method: <name>`."""
+    return _register(_METHODS, "method", name)
+
+
+def load_builtins() -> None:
+    """Import the built-in families and methods (idempotent)."""
+    for mod in _BUILTIN_MODULES:
+        importlib.import_module(mod)
+
+
+def get_family(name: str, source: str = "<recipe>", key: str = "recipe.family") -> type:
+    load_builtins()
+    if name not in _FAMILIES:
+        raise RecipeError(f"{source}: {key}: unknown family {name!r} (registered: {', '.join(sorted(_FAMILIES))})")
+    return _FAMILIES[name]
+
+
+def get_method(name: str, source: str = "<recipe>", key: str = "recipe.method") -> type:
+    load_builtins()
+    if name not in _METHODS:
+        raise RecipeError(f"{source}: {key}: unknown method {name!r} (registered: {', '.join(sorted(_METHODS))})")
+    return _METHODS[name]
+
+
+def registered() -> tuple[list[str], list[str]]:
+    """Names of registered families and methods."""
+    load_builtins()
+    return sorted(_FAMILIES), sorted(_METHODS)
+
+
+@dataclass
+class CheckedRecipe:
+    """A recipe whose family, method, roles and method knobs have been validated."""
+
+    recipe: Any
+    method_cls: type
+    method_config: Any
+
+
+def check_recipe(recipe) -> CheckedRecipe:
+    """Everything that can be checked without touching files or processes."""
+    from ds_distill.roles import require_roles
+    from ds_distill.utils.config import from_dict
+
+    src = recipe.source
+    get_family(recipe.recipe.family, src)
+    for name, role in recipe.roles.items():
+        get_family(role.family, src, f"roles.{name}.family")
+    method_cls = get_method(recipe.recipe.method, src)
+    require_roles(recipe.roles, method_cls.roles, recipe.recipe.method, src)
+    method_config = from_dict(method_cls.config_class, recipe.method_config, "method_config", src)
+    t = recipe.training
+    for key in ("max_train_steps", "train_batch_size", "gradient_accumulation_steps", "text_len", "log_steps"):
+        if getattr(t, key) < 1:
+            raise RecipeError(f"{src}: training.{key}: must be at least 1")
+    for key in ("checkpointing_steps", "checkpoints_total_limit", "dataloader_num_workers", "lr_warmup_steps"):
+        if getattr(t, key) < 0:
+            raise RecipeError(f"{src}: training.{key}: must not be negative")
+    if t.learning_rate <= 0:
+        raise RecipeError(f"{src}: training.learning_rate: must be positive")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        raise RecipeError(f"{src}: training.betas: expected two numbers in [0, 1)")
+    if t.log_validation and not t.validation_dataset_file:
+        raise RecipeError(f"{src}: training.validation_dataset_file: required when log_validation is true")
+    for tracker in t.trackers:
+        if tracker not in ("tensorboard", "none"):
+            raise RecipeError(f"{src}: training.trackers: unknown tracker {tracker!r} (available: tensorboard, none)")
+    method_cls.check_config(method_config, t, src)
+    return CheckedRecipe(recipe=recipe, method_cls=method_cls, method_config=method_config)
+
+
+@dataclass
+class Runtime:
+    """Everything a run needs, built from a checked recipe."""
+
+    recipe: Any
+    strategy: Any
+    family: Any
+    components: dict
+    bundle: Any
+    adapter: Any
+    method: Any
+    ds_configs: dict
+
+
+def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True) -> Runtime:
+    """Load every role (partitioned at creation), wrap each in its DeepSpeed engine, build adapter and method."""
+    from ds_distill.engines import eval_ds_config, load_template, train_ds_config
+    from ds_distill.roles import RoleBundle, RoleHandle
+    from ds_distill.utils.module_state import apply_trainable
+
+    recipe, t = checked.recipe, checked.recipe.training
+    src = recipe.source
+    world = strategy.dist.world_size
+    comps, handles, ds_configs = {}, {}, {}
+    for name, spec in recipe.roles.items():
+        family = get_family(spec.family, src)()
+        comps[name] = family.components(spec.path, src, f"roles.{name}.path")
+        if spec.trainable:
+            template = load_template(spec.ds_config or t.ds_config, src, f"roles.{name}.ds_config")
+            cfg = train_ds_config(
+                template,
+                micro_batch=t.train_batch_size,
+                grad_accum=t.gradient_accumulation_steps,
+                world_size=world,
+                precision=t.mixed_precision,
+                max_grad_norm=checked.method_cls.optimizer_spec(name, checked.method_config, t).max_grad_norm,
+            )
+        else:
+            template = load_template(spec.ds_config or t.ds_config_inference, src, f"roles.{name}.ds_config")
+            cfg = eval_ds_config(
+                template,
+                micro_batch=t.train_batch_size,
+                world_size=world,
+                precision=t.mixed_precision,
+                offload=spec.offload_param or t.offload_param,
+                nvme_path=t.nvme_path,
+            )
+        ds_configs[name] = cfg
+        module = family.load_transformer(comps[name], strategy, cfg)
+        apply_trainable(module, spec.trainable)
+        ckpt = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else t.gradient_checkpointing
+        if spec.trainable and ckpt:
+            module.enable_gradient_checkpointing()
+        engine = None
+        if build_engines:
+            if spec.trainable:
+                opt = checked.method_cls.optimizer_spec(name, checked.method_config, t)
+                engine = strategy.init_trainable(module, cfg, opt)
+            else:
+                engine = strategy.init_frozen(module, cfg)
+        handles[name] = RoleHandle(name=name, module=module, trainable=spec.trainable, engine=engine,
+                                   family=spec.family)
+    bundle = RoleBundle(handles)
+    main_family = get_family(recipe.recipe.family, src)()
+    main_role = "student" if "student" in comps else next(iter(comps))
+    adapter = main_family.build_adapter(comps[main_role], recipe.pipeline_config, t, strategy.dist.device)
+    adapter.set_uncond_embedding(main_family.unconditional_embedding(comps[main_role], t, strategy, src))
+    method = checked.method_cls(bundle, adapter, strategy, checked.method_config, t, recipe.pipeline_config)
+    return Runtime(recipe=recipe, strategy=strategy, family=main_family, components=comps, bundle=bundle,
+                   adapter=adapter, method=method, ds_configs=ds_configs)

@@ -1,0 +1,332 @@
+"""The one place that talks to DeepSpeed: process groups, config dicts, engines, backward/step, checkpoints.
+
+Methods, adapters and the trainer go through `Strategy`; nothing else imports `deepspeed` for training.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from ds_distill.errors import RecipeError
+
+logger = logging.getLogger("ds_distill")
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+"""The source tree root (ds_configs/, recipes/ live here)."""
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank, world size, local rank and its torch device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _quiet_deepspeed() -> None:
+    level = os.environ.get("DS_DISTILL_DS_LOG_LEVEL", "WARNING").upper()
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(getattr(logging, level, logging.WARNING))
+
+
+def init_distributed(local_rank: int | None = None) -> DistInfo:
+    """Join (or create) the process group.
+
+    Launchers (deepspeed, torchrun) set RANK/WORLD_SIZE/MASTER_*; a plain `python -m ds_distill.train` has none,
+    so we make a one-process group on a free local port instead of letting DeepSpeed try MPI discovery.
+    """
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if local_rank is not None and "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+
+    import warnings
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # DeepSpeed 0.19 still calls collectives that torch 2.14 marks deprecated, once per call: noise, not news.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+.? is deprecated", category=FutureWarning)
+    _quiet_deepspeed()
+    accel = get_accelerator()
+    if accel.device_name() == "cpu" and os.environ.get("DS_DISTILL_SHM_COMM", "0") != "1":
+        # The CPU accelerator JIT-builds a shared-memory allreduce (40-90 s on a fresh machine) before it
+        # falls back to gloo; our tensors are small enough that gloo alone is the better trade.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=accel.communication_backend_name(), verbose=False)
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if "OMP_NUM_THREADS" not in os.environ and local_world > 1:
+        # Launchers that do not set it leave every rank with all cores: N ranks x N threads thrash.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    lrank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accel.device_name() == "cpu":
+        device = torch.device("cpu")
+    else:
+        accel.set_device(lrank)
+        device = torch.device(accel.device_name(), lrank)
+    return DistInfo(rank=rank, world_size=world, local_rank=lrank, device=device)
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed config dicts (two builders: trainable roles and frozen roles)
+
+
+def load_template(path: str, source: str, key: str) -> dict:
+    """Read a DeepSpeed JSON template: as given, else relative to the recipe, else to the source tree."""
+    candidates = [Path(path), Path(source).parent / path, PACKAGE_ROOT / path]
+    for p in candidates:
+        if p.is_file():
+            try:
+                return json.loads(p.read_text())
+            except json.JSONDecodeError as exc:
+                raise RecipeError(f"{source}: {key}: {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    raise RecipeError(f"{source}: {key}: DeepSpeed config template {path!r} not found")
+
+
+def _fill(cfg: dict, key: str, value: Any) -> None:
+    if cfg.get(key, "auto") == "auto":
+        cfg[key] = value
+
+
+def _common(cfg: dict, micro_batch: int, grad_accum: int, world_size: int, precision: str) -> dict:
+    cfg = copy.deepcopy(cfg)
+    _fill(cfg, "train_micro_batch_size_per_gpu", micro_batch)
+    _fill(cfg, "gradient_accumulation_steps", grad_accum)
+    _fill(cfg, "train_batch_size", micro_batch * grad_accum * world_size)
+    bf16 = cfg.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = precision == "bf16"
+    if cfg.get("fp16", {}).get("enabled") == "auto":
+        cfg["fp16"]["enabled"] = False
+    return cfg
+
+
+def train_ds_config(
+    template: dict, *, micro_batch: int, grad_accum: int, world_size: int, precision: str, max_grad_norm: float
+) -> dict:
+    """Config dict of a trainable role: ZeRO-3 with the recipe's batch arithmetic, precision and clipping."""
+    cfg = _common(template, micro_batch, grad_accum, world_size, precision)
+    # DeepSpeed 0.19 clips at 1.0 unless told otherwise; the recipe is the truth.
+    _fill(cfg, "gradient_clipping", float(max_grad_norm))
+    return cfg
+
+
+def eval_ds_config(
+    template: dict, *, micro_batch: int, world_size: int, precision: str, offload: str, nvme_path: str | None
+) -> dict:
+    """Config dict of a frozen role: ZeRO-3 partitioned, no optimizer, optional parameter offload."""
+    cfg = _common(template, micro_batch, 1, world_size, precision)
+    cfg.pop("optimizer", None)
+    cfg.pop("scheduler", None)
+    zero = cfg.setdefault("zero_optimization", {})
+    zero["stage"] = 3
+    off = zero.get("offload_param", {})
+    device = off.get("device", "auto")
+    if device == "auto":
+        device = offload
+    if device == "none":
+        zero.pop("offload_param", None)
+    else:
+        off["device"] = device
+        if device == "nvme":
+            off["nvme_path"] = nvme_path or off.get("nvme_path") or "/local_nvme"
+        zero["offload_param"] = off
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizer and LR schedule
+
+
+@dataclass
+class OptimizerSpec:
+    """What a trainable role's optimizer and schedule look like."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    eps: float
+    max_grad_norm: float
+    lr_scheduler: str
+    warmup_steps: int
+    total_steps: int
+    fused: bool = True
+
+
+class LRLambda:
+    """Linear warm-up then constant / linear / cosine decay (a class so the schedule state pickles)."""
+
+    def __init__(self, kind: str, warmup: int, total: int):
+        self.kind, self.warmup, self.total = kind, warmup, max(total, 1)
+
+    def __call__(self, step: int) -> float:
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(params: Iterable[torch.nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
+    """AdamW; fused where torch supports it for the device (one pass over ZeRO's flat partition)."""
+    kwargs = dict(lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay)
+    if spec.fused:
+        kwargs["fused"] = True
+    return torch.optim.AdamW([p for p in params if p.requires_grad], **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The strategy
+
+
+class Strategy:
+    """Owns every DeepSpeed call of a run: model construction scope, engines, backward/step, checkpoints."""
+
+    def __init__(self, dist: DistInfo):
+        self.dist = dist
+
+    # -- construction ---------------------------------------------------------------------------
+    def zero_init(self, ds_config: dict):
+        """Context in which a role's modules are created already partitioned (one scope per role)."""
+        import deepspeed
+
+        # dtype comes from the config: passing it explicitly is misread on accelerators without fp16 (0.19.8
+        # turns an explicit float32 into bfloat16 on the CPU).
+        return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+    @staticmethod
+    def param_dtype(ds_config: dict) -> torch.dtype:
+        """The dtype DeepSpeed keeps module parameters in for this config."""
+        if ds_config.get("bf16", {}).get("enabled"):
+            return torch.bfloat16
+        if ds_config.get("fp16", {}).get("enabled"):
+            return torch.float16
+        return torch.float32
+
+    @staticmethod
+    def gathered(params, modifier_rank: int | None = None):
+        """Gather ZeRO-3 partitioned params whole for the block; with modifier_rank, its edits are kept."""
+        import deepspeed
+
+        params = [p for p in params if hasattr(p, "ds_id")]
+        if not params:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+    def init_trainable(self, module: torch.nn.Module, ds_config: dict, spec: OptimizerSpec):
+        """One engine per trainable role, with its own optimizer, LR schedule and clipping."""
+        import deepspeed
+
+        optimizer = make_optimizer(module.parameters(), spec)
+        schedule = LRLambda(spec.lr_scheduler, spec.warmup_steps, spec.total_steps)
+        engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=ds_config,
+            dist_init_required=False,
+        )
+        return engine
+
+    def init_frozen(self, module: torch.nn.Module, ds_config: dict):
+        """A ZeRO-inference engine: stage 3 partitioned, no optimizer state."""
+        import deepspeed
+
+        module.requires_grad_(False)
+        engine, _, _, _ = deepspeed.initialize(model=module, config=ds_config, dist_init_required=False)
+        return engine
+
+    # -- training -------------------------------------------------------------------------------
+    @staticmethod
+    def backward(engine, loss: torch.Tensor) -> None:
+        """The role's own engine runs backward (ZeRO-3 reduce-scatters its gradients)."""
+        engine.backward(loss)
+
+    @staticmethod
+    def step(engine) -> None:
+        """Optimizer step (clipping, LR schedule) of one engine; always paired with its backward."""
+        engine.step()
+
+    @staticmethod
+    def grad_norm(engine) -> float:
+        """Global gradient norm of the last step (before clipping)."""
+        norm = engine.get_global_grad_norm()
+        if norm is None:
+            return float("nan")
+        return float(norm.item() if torch.is_tensor(norm) else norm)
+
+    @staticmethod
+    def lr(engine) -> float:
+        """Current learning rate of an engine."""
+        return float(engine.get_lr()[0])
+
+    # -- collectives ----------------------------------------------------------------------------
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean of a tensor over ranks (for logging)."""
+        out = value.detach().clone().float()
+        torch.distributed.all_reduce(out)
+        return out / self.dist.world_size
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s value on every rank."""
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=src)
+        return box[0]
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    @staticmethod
+    def save(engine, save_dir: str | os.PathLike, tag: str, client_state: dict) -> None:
+        """Collective: every rank writes its partition of `tag` under `save_dir`."""
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+
+    @staticmethod
+    def load(engine, load_dir: str | os.PathLike, tag: str) -> dict:
+        """Collective: restore module, optimizer and LR schedule; returns the saved client state."""
+        path, client_state = engine.load_checkpoint(
+            str(load_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if path is None:
+            from ds_distill.errors import CheckpointError
+
+            raise CheckpointError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
+        return client_state or {}
+
+    def close(self) -> None:
+        """Leave the process group cleanly."""
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()

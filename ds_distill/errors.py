@@ -1,0 +1,38 @@
+"""User-facing errors: one clear line, exit code 2, no traceback."""
+from __future__ import annotations
+
+import functools
+import sys
+
+USAGE_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input (recipe, data, checkpoint, CLI); printed as one line."""
+
+
+class RecipeError(UserError):
+    """A recipe file or override that does not fit schema v2."""
+
+
+class DataError(UserError):
+    """A dataset or prompt file that cannot be read or does not fit the schema."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint folder that is missing, partial, or does not match the recipe."""
+
+
+def exit_on_user_error(fn):
+    """Decorate a CLI `main`: a UserError prints `error: <message>` on stderr and exits 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            message = " ".join(str(exc).split("\n"))
+            print(f"error: {message}", file=sys.stderr, flush=True)
+            sys.exit(USAGE_EXIT_CODE)
+
+    return wrapper

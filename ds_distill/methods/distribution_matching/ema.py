@@ -1,0 +1,77 @@
+"""An EMA of a ZeRO-3 module kept partitioned: each rank averages only its own slice of every parameter."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+
+def _local(p: torch.nn.Parameter) -> torch.Tensor:
+    """This rank's partition of a parameter (the whole tensor when it is not ZeRO-3 managed)."""
+    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+
+
+class PartitionedEMA:
+    """fp32 shadow of each local partition; `swapped_in()` puts it into the module for sampling/export."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.module = module
+        self.decay = decay
+        self.names = [n for n, _ in module.named_parameters()]
+        self.shadow = {n: _local(p).detach().float().clone() for n, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, step: int, start_step: int) -> None:
+        """Copy before `start_step`, then shadow = decay * shadow + (1 - decay) * weights."""
+        for n, p in self.module.named_parameters():
+            local = _local(p).float()
+            if step < start_step:
+                self.shadow[n].copy_(local)
+            else:
+                self.shadow[n].lerp_(local, 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """Temporarily load the EMA weights into the module's partitions."""
+        saved = {}
+        with torch.no_grad():
+            for n, p in self.module.named_parameters():
+                local = _local(p)
+                saved[n] = local.clone()
+                local.copy_(self.shadow[n].to(local.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.module.named_parameters():
+                    _local(p).copy_(saved[n])
+
+    def file_for(self, role_dir: Path) -> Path:
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        return Path(role_dir) / "ema" / f"rank-{rank:05d}-of-{world:05d}.safetensors"
+
+    def save(self, role_dir: Path) -> None:
+        """Each rank writes its partitions (with full shapes in the metadata, for export)."""
+        from safetensors.torch import save_file
+        import json
+
+        path = self.file_for(role_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
+        save_file({n: t.contiguous() for n, t in self.shadow.items()}, str(path),
+                  metadata={"shapes": json.dumps(shapes), "decay": str(self.decay)})
+
+    def load(self, role_dir: Path) -> None:
+        from safetensors.torch import load_file
+
+        from ds_distill.errors import CheckpointError
+
+        path = self.file_for(role_dir)
+        if not path.is_file():
+            raise CheckpointError(f"{path.parent}: no EMA partition for this rank count ({path.name}); "
+                                  "resume with the world size it was saved with, or set method_config.ema_decay: 0")
+        loaded = load_file(str(path))
+        for n in self.names:
+            self.shadow[n].copy_(loaded[n])

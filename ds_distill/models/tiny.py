@@ -1,0 +1,144 @@
+"""`ds-distill make-tiny-wan OUT`: a complete, tiny, randomly initialised Wan2.1 T2V directory, made offline.
+
+The directory has the layout of `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` (transformer/, vae/, text_encoder/,
+tokenizer/, scheduler/, model_index.json), so `diffusers.WanPipeline.from_pretrained(OUT)` loads and runs it.
+Tests and the demo use it in place of the real weights, which nothing here may download.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ds_distill.utils.toy_data import TOY_CAPTIONS
+
+# Words the tiny tokenizer learns from; anything else still tokenizes (through <unk> and characters).
+_TOKENIZER_CORPUS = TOY_CAPTIONS + [
+    "a cat walking on a sunny street",
+    "waves crashing on rocks at dusk",
+    "a dog running through a green field",
+    "a car driving at night in the rain",
+    "Bright tones, overexposed, static, blurred details, subtitles, worst quality, low quality",
+]
+
+
+@dataclass
+class TinyWanConfig:
+    """Sizes of the tiny Wan; defaults give a ~0.3M-parameter transformer that learns the toy data in minutes."""
+
+    num_layers: int = 4
+    num_attention_heads: int = 4
+    attention_head_dim: int = 16
+    ffn_dim: int = 256
+    latent_channels: int = 4
+    text_dim: int = 32
+    text_layers: int = 1
+    vae_base_dim: int = 8
+    flow_shift: float = 3.0
+    seed: int = 0
+
+
+def build_tokenizer():
+    """A Unigram tokenizer trained offline on a few sentences, wrapped as the T5 tokenizer Wan uses."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=128, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
+    )
+    tok.train_from_iterator(_TOKENIZER_CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0)
+
+
+def build_tiny_transformer(cfg: TinyWanConfig):
+    """The tiny `WanTransformer3DModel` (randomly initialised from the current torch seed)."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=cfg.num_attention_heads,
+        attention_head_dim=cfg.attention_head_dim,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        text_dim=cfg.text_dim,
+        freq_dim=32,
+        ffn_dim=cfg.ffn_dim,
+        num_layers=cfg.num_layers,
+        rope_max_seq_len=32,
+    )
+
+
+def make_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | None = None) -> Path:
+    """Write a tiny Wan2.1 T2V pipeline directory and return its path."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = cfg or TinyWanConfig()
+    out = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer()
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=cfg.text_dim,
+            d_kv=8,
+            d_ff=2 * cfg.text_dim,
+            num_layers=cfg.text_layers,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    c = cfg.latent_channels
+    # Non-trivial per-channel statistics, so latent normalisation is exercised, not an identity.
+    vae = AutoencoderKLWan(
+        base_dim=cfg.vae_base_dim,
+        z_dim=c,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[round(0.1 * (i - c / 2), 3) for i in range(c)],
+        latents_std=[round(0.6 + 0.2 * i, 3) for i in range(c)],
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder.eval(),
+        transformer=build_tiny_transformer(cfg),
+        vae=vae.eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ds-distill make-tiny-wan OUT [--layers N] [--seed S]."""
+    parser = argparse.ArgumentParser(prog="ds-distill make-tiny-wan", description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--layers", type=int, default=TinyWanConfig.num_layers)
+    parser.add_argument("--heads", type=int, default=TinyWanConfig.num_attention_heads)
+    parser.add_argument("--head-dim", type=int, default=TinyWanConfig.attention_head_dim)
+    parser.add_argument("--ffn-dim", type=int, default=TinyWanConfig.ffn_dim)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cfg = TinyWanConfig(
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        attention_head_dim=args.head_dim,
+        ffn_dim=args.ffn_dim,
+        seed=args.seed,
+    )
+    out = make_tiny_wan(args.out, cfg)
+    print(f"tiny Wan2.1 T2V written to {out}")
+    return 0

@@ -1,0 +1,198 @@
+"""The training loop: data, steps, logging, validation cadence and checkpoints. Methods own only the step."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from ds_distill.dispatch import Runtime
+from ds_distill.utils import checkpoint as ckpt
+from ds_distill.utils.dataloader import ParquetDataset, TrainLoader
+from ds_distill.utils.tracking import Tracker
+
+logger = logging.getLogger("ds_distill")
+
+
+def count_params(module: torch.nn.Module) -> int:
+    """Full parameter count, also for ZeRO-3 partitioned modules."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+
+
+class Trainer:
+    """Runs a method's steps from a (possibly resumed) position to `max_train_steps`."""
+
+    def __init__(self, runtime: Runtime, dataset: ParquetDataset, validator=None):
+        self.rt = runtime
+        self.t = runtime.recipe.training
+        self.strategy = runtime.strategy
+        self.dist = runtime.strategy.dist
+        self.method = runtime.method
+        self.dataset = dataset
+        self.validator = validator
+        self.output_dir = Path(self.t.output_dir)
+        enabled = self.dist.is_main and "tensorboard" in self.t.trackers
+        self.tracker = Tracker(self.output_dir / "logs", enabled)
+        if validator is not None:
+            validator.tracker = self.tracker
+        self.step = 0
+        self.micro_step = 0
+        self.resumed_from: Path | None = None
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def banner(self) -> str:
+        t, d = self.t, self.dist
+        lines = [f"ds_distill: {self.rt.recipe.recipe.method} on {self.rt.recipe.recipe.family} "
+                 f"({d.world_size} rank{'s' if d.world_size > 1 else ''}, {d.device.type}, {t.mixed_precision})"]
+        for role in self.rt.bundle:
+            kind = "trainable, ZeRO-3 + optimizer" if role.trainable else "frozen, ZeRO-inference"
+            lines.append(f"  {role.name:<8} {count_params(role.module) / 1e6:9.3f} M params  {kind}  "
+                         f"<- {self.rt.recipe.roles[role.name].path}")
+        g = t.train_batch_size * t.gradient_accumulation_steps * d.world_size
+        lines.append(f"  batch: {t.train_batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
+                     f"{d.world_size} ranks = {g} samples per step; {t.max_train_steps} steps "
+                     f"= {g * t.max_train_steps} samples ({g * t.max_train_steps / len(self.dataset):.1f} epochs "
+                     f"of {len(self.dataset)} rows)")
+        lines.append(f"  output: {self.output_dir}")
+        return "\n".join(lines)
+
+    def resume(self, resume: str | None) -> None:
+        """Restore engines, method state and data position from a checkpoint."""
+        if not resume:
+            return
+        path = ckpt.find_resume_checkpoint(self.output_dir, resume)
+        if path is None:
+            if self.dist.is_main:
+                logger.warning("--resume %s: no complete checkpoint in %s; starting from step 0", resume,
+                               self.output_dir)
+            return
+        state = ckpt.read_state(path)
+        self.check_compatible(path, state)
+        client = {}
+        for role in self.rt.bundle.trainable():
+            client = self.strategy.load(role.engine, path, role.name)
+        self.method.load_state_dict(client.get("method", {}))
+        self.method.load_extra_checkpoint_files(lambda r: path / r)
+        self.step = int(state["step"])
+        self.micro_step = int(state["micro_step"])
+        if "torch_rng" in client:
+            torch.set_rng_state(client["torch_rng"])
+        self.resumed_from = path
+        if self.dist.is_main:
+            self.truncate_metrics(self.step)
+            logger.info("resumed from %s (step %d)", path, self.step)
+
+    def check_compatible(self, path: Path, state: dict) -> None:
+        from ds_distill.errors import CheckpointError
+
+        want = sorted(r.name for r in self.rt.bundle.trainable())
+        have = sorted(state.get("roles", []))
+        if want != have:
+            raise CheckpointError(f"{path}: holds roles {have}, the recipe trains {want}")
+        if state.get("method") != self.rt.recipe.recipe.method:
+            raise CheckpointError(f"{path}: was written by method {state.get('method')!r}, "
+                                  f"the recipe runs {self.rt.recipe.recipe.method!r}")
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Collective: every rank writes its partitions; rank 0 seals the folder."""
+        tmp = ckpt.begin_save(self.output_dir, self.step, self.dist.is_main)
+        self.strategy.barrier()
+        client = {"step": self.step, "micro_step": self.micro_step, "method": self.method.state_dict(),
+                  "torch_rng": torch.get_rng_state()}
+        for role in self.rt.bundle.trainable():
+            (tmp / role.name).mkdir(exist_ok=True)
+            self.strategy.save(role.engine, tmp, role.name, client)
+        self.method.extra_checkpoint_files(lambda r: tmp / r)
+        self.strategy.barrier()
+        final = ckpt.checkpoint_dir(self.output_dir, self.step)
+        if self.dist.is_main:
+            state = {"step": self.step, "micro_step": self.micro_step, "world_size": self.dist.world_size,
+                     "roles": [r.name for r in self.rt.bundle.trainable()],
+                     "method": self.rt.recipe.recipe.method, "family": self.rt.recipe.recipe.family}
+            final = ckpt.commit_save(self.output_dir, self.step, state, self.t.checkpoints_total_limit,
+                                     protect=self.resumed_from)
+        self.strategy.barrier()
+        return final
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        if self.validator is not None:
+            self.validator.run(self.method, self.step)
+
+    def train(self) -> dict:
+        """Run to max_train_steps; returns the last logged scalars."""
+        t, d = self.t, self.dist
+        if d.is_main:
+            ckpt.clean_stale_tmp(self.output_dir)
+            print(self.banner(), flush=True)
+        loader = TrainLoader(self.dataset, t.train_batch_size, d.rank, d.world_size, t.seed,
+                             num_workers=t.dataloader_num_workers, start_micro_step=self.micro_step)
+        if t.log_validation and self.step == 0:
+            self.validate()
+        bar = None
+        if d.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.max_train_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                       disable=os.environ.get("DS_DISTILL_NO_TQDM") == "1")
+        last: dict = {}
+        samples_per_step = t.train_batch_size * t.gradient_accumulation_steps * d.world_size
+        while self.step < t.max_train_steps:
+            started = time.perf_counter()
+            micro = [next(loader) for _ in range(t.gradient_accumulation_steps)]
+            self.step += 1
+            self.micro_step = loader.micro_step
+            scalars = self.method.train_one_step(micro, self.step)
+            elapsed = time.perf_counter() - started
+            if self.step % t.log_steps == 0 or self.step == t.max_train_steps:
+                last = self.log(scalars, elapsed, samples_per_step)
+                if bar is not None:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k.endswith("/loss")}, refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if t.log_validation and t.validation_steps and self.step % t.validation_steps == 0:
+                self.validate()
+            if (t.checkpointing_steps and self.step % t.checkpointing_steps == 0) or self.step == t.max_train_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.tracker.close()
+        return last
+
+    def log(self, scalars: dict[str, float], elapsed: float, samples: int) -> dict[str, float]:
+        """Average the method's scalars over ranks and add lr / grad norm of roles that stepped."""
+        keys = sorted(scalars)
+        values = torch.tensor([scalars[k] for k in keys], dtype=torch.float64)
+        if self.dist.world_size > 1:
+            values = self.strategy.all_reduce_mean(values)
+        out = {k: float(v) for k, v in zip(keys, values)}
+        for role in self.rt.bundle.trainable():
+            if f"{role.name}/loss" in out:
+                out[f"{role.name}/lr"] = self.strategy.lr(role.engine)
+                out[f"{role.name}/grad_norm"] = self.strategy.grad_norm(role.engine)
+        out["perf/step_time_s"] = elapsed
+        out["perf/samples_per_s"] = samples / elapsed if elapsed > 0 else math.nan
+        if self.dist.is_main:
+            self.tracker.log_scalars(out, self.step)
+            self.write_jsonl(out)
+        return out
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop metrics.jsonl lines past the resumed step (they belong to the run that died)."""
+        import json
+
+        path = self.output_dir / "metrics.jsonl"
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+            ckpt.write_text_atomic(path, "".join(ln + "\n" for ln in keep))
+
+    def write_jsonl(self, values: dict[str, float]) -> None:
+        """Append the step's scalars to output_dir/metrics.jsonl (easy to read back in tests and notebooks)."""
+        import json
+
+        with open(self.output_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **values}) + "\n")

@@ -1,0 +1,180 @@
+"""Checkpoints that a crash cannot corrupt.
+
+Layout: `output_dir/checkpoint-<step>/<role>/` (each trainable role's DeepSpeed files) plus
+`trainer_state.json`, and `output_dir/latest` naming the newest checkpoint. A checkpoint is written under
+`.tmp-checkpoint-<step>/`, flushed, then renamed; `latest` is replaced last. A folder without its
+`trainer_state.json` is never loaded, so a crash mid-write leaves the previous checkpoint in charge.
+The output folder must be visible to every rank (a shared filesystem on multi-node runs), as DeepSpeed's
+own checkpoint tools assume.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+from ds_distill.errors import CheckpointError
+
+logger = logging.getLogger("ds_distill")
+
+STATE_FILE = "trainer_state.json"
+LATEST_FILE = "latest"
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f"checkpoint-{step}"
+
+
+def tmp_dir(output_dir: Path, step: int) -> Path:
+    return Path(output_dir) / f".tmp-checkpoint-{step}"
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file so that readers see the old or the new content, never a mix."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint folder counts only once its trainer state is in place."""
+    state = Path(path) / STATE_FILE
+    if not state.is_file():
+        return False
+    try:
+        return bool(json.loads(state.read_text()).get("complete"))
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    out = []
+    d = Path(output_dir)
+    if not d.is_dir():
+        return out
+    for child in d.iterdir():
+        m = _CKPT_RE.match(child.name)
+        if m and child.is_dir() and is_complete(child):
+            out.append((int(m.group(1)), child))
+    return sorted(out)
+
+
+def read_state(path: Path) -> dict:
+    """The trainer state of a complete checkpoint."""
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """`latest` -> the newest complete checkpoint (None if there is none); a path -> that checkpoint, checked."""
+    if resume == "latest":
+        output_dir = Path(output_dir)
+        named = None
+        latest = output_dir / LATEST_FILE
+        if latest.is_file():
+            named = output_dir / latest.read_text().strip()
+        found = list_checkpoints(output_dir)
+        if named is not None and is_complete(named):
+            newest = max(found, key=lambda x: x[0]) if found else None
+            if newest is None or newest[1] == named:
+                return named
+        if named is not None and not is_complete(named):
+            logger.warning("`latest` names %s, which is not a complete checkpoint; looking for an older one", named)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).exists() and (path.parent / STATE_FILE).exists():
+        path = path.parent  # a role folder was given: resume its checkpoint
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: --resume: checkpoint folder does not exist")
+    if not is_complete(path):
+        raise CheckpointError(
+            f"{path}: --resume: not a complete checkpoint (no {STATE_FILE}; a save was interrupted?); "
+            "use --resume latest to pick the newest complete one"
+        )
+    return path
+
+
+def begin_save(output_dir: Path, step: int, is_main: bool) -> Path:
+    """Rank 0 clears a leftover temporary folder of this step; the caller barriers before writing."""
+    tmp = tmp_dir(output_dir, step)
+    if is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_save(output_dir: Path, step: int, state: dict, keep_last: int, protect: Path | None) -> Path:
+    """Rank 0, after every rank wrote into the temporary folder: seal, rename, point `latest`, rotate."""
+    output_dir = Path(output_dir)
+    tmp = tmp_dir(output_dir, step)
+    final = checkpoint_dir(output_dir, step)
+    state = dict(state, complete=True)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    _fsync_tree(tmp)
+    if final.exists():
+        # Re-saving a step (e.g. resumed exactly at it): move the old copy aside first, drop it after.
+        old = output_dir / f".old-checkpoint-{step}"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(output_dir)
+    write_text_atomic(output_dir / LATEST_FILE, final.name)
+    rotate(output_dir, keep_last, protect={final} | ({Path(protect)} if protect else set()))
+    return final
+
+
+def rotate(output_dir: Path, keep_last: int, protect: set[Path]) -> None:
+    """Delete the oldest complete checkpoints beyond `keep_last`, never a protected one."""
+    if keep_last <= 0:
+        return
+    found = list_checkpoints(output_dir)
+    excess = len(found) - keep_last
+    for _, path in found:
+        if excess <= 0:
+            break
+        if any(path.resolve() == p.resolve() for p in protect if p is not None and Path(p).exists()):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        excess -= 1
+
+
+def clean_stale_tmp(output_dir: Path) -> None:
+    """Remove temporary folders left by an interrupted save (rank 0, at start-up)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return
+    for child in d.iterdir():
+        if child.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")) and child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)

@@ -1,0 +1,385 @@
+"""Recipe schema v2: typed dataclasses, YAML loading, dotted overrides, one-line errors.
+
+A recipe is the single source of truth for a run:
+
+    recipe: {family: wan, method: dmd2}
+    roles: {student: {path: ..., trainable: true}, teacher: {...}, critic: {...}}
+    training: {...}          # infrastructure: data, batch sizes, optimizer defaults, cadence
+    pipeline_config: {...}   # model-side sampling facts (flow_shift, sampler_kind)
+    method_config: {...}     # algorithm knobs, validated against the method's own dataclass
+
+Every problem is reported as a RecipeError naming the file and the dotted key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from ds_distill.errors import RecipeError
+
+WAN_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, poorly "
+    "drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, messy "
+    "background, three legs, many people in the background, walking backwards"
+)
+
+
+@dataclass
+class RecipeSpec:
+    """Which model family and which method this recipe runs."""
+
+    family: str
+    """Registered model family, e.g. `wan`."""
+    method: str
+    """Registered method, e.g. `dmd2` or `finetune`."""
+
+
+@dataclass
+class RoleSpec:
+    """One model role (student, teacher, critic, ...)."""
+
+    path: str
+    """Diffusers-format model directory (or a hub id when online)."""
+    trainable: bool
+    """Whether this role gets an optimizer and receives gradients."""
+    family: Optional[str] = None
+    """Model family for this role; defaults to `recipe.family`."""
+    ds_config: Optional[str] = None
+    """DeepSpeed JSON template for this role; defaults to training.ds_config / ds_config_inference."""
+    offload_param: Optional[Literal["none", "cpu", "nvme"]] = None
+    """ZeRO-3 parameter offload for this role; defaults to training.offload_param (frozen roles only)."""
+    gradient_checkpointing: Optional[bool] = None
+    """Activation checkpointing of the transformer blocks; defaults to training.gradient_checkpointing."""
+
+
+@dataclass
+class TrainingConfig:
+    """Infrastructure: data, batch sizes, optimizer defaults, precision, cadence, tracking."""
+
+    output_dir: str
+    """Where checkpoints, logs, validation videos and the resolved recipe go."""
+    data_path: str
+    """A parquet file or a directory of parquet files (FastVideo T2V schema, or text-only)."""
+    max_train_steps: int = 1000
+    """Number of optimizer steps (DMD2: iterations) to run."""
+    train_batch_size: int = 1
+    """Micro-batch per rank."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step (finetune only)."""
+    dataloader_num_workers: int = 2
+    """DataLoader worker processes per rank."""
+    seed: int = 0
+    """Seed for data order, noise, timesteps and control flow (same on every rank)."""
+    mixed_precision: Literal["fp32", "bf16"] = "bf16"
+    """Parameter and compute dtype of the DeepSpeed engines (master weights stay fp32)."""
+    learning_rate: float = 1e-5
+    """Default learning rate of trainable roles."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas of trainable roles."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of trainable roles."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm (0 disables)."""
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+    text_len: int = 512
+    """Text embeddings are padded or cropped to this many tokens (with an attention mask)."""
+    num_frames: int = 81
+    """Video frames of generated samples (latent frames follow from the VAE)."""
+    height: int = 480
+    """Video height of generated samples."""
+    width: int = 832
+    """Video width of generated samples."""
+    negative_prompt: str = WAN_NEGATIVE_PROMPT
+    """Negative prompt for classifier-free guidance (encoded once by the family's text encoder)."""
+    negative_prompt_embedding: Optional[str] = None
+    """A .safetensors file with a precomputed `embedding` [L, D] used instead of encoding `negative_prompt`."""
+    uncond_embedding: Literal["negative_prompt", "zeros"] = "negative_prompt"
+    """The unconditional text condition: the encoded negative prompt or all zeros."""
+    ds_config: str = "ds_configs/zero3_train.json"
+    """DeepSpeed template for trainable roles (relative paths resolve against the recipe, then the package)."""
+    ds_config_inference: str = "ds_configs/zero3_inference.json"
+    """DeepSpeed template for frozen roles (ZeRO-inference)."""
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    """Parameter offload for frozen roles."""
+    nvme_path: Optional[str] = None
+    """NVMe swap folder when offload_param is `nvme`."""
+    gradient_checkpointing: bool = True
+    """Activation checkpointing of transformer blocks for trainable roles."""
+    fused_optimizer: bool = True
+    """Use torch's fused AdamW kernel (one pass over the flat ZeRO partition)."""
+    checkpointing_steps: int = 500
+    """Save a checkpoint every N steps (0: only at the end)."""
+    checkpoints_total_limit: int = 3
+    """Keep at most this many checkpoints (0: keep all)."""
+    log_steps: int = 1
+    """Write scalars every N steps."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers: `tensorboard` (built in) or none."""
+    log_validation: bool = False
+    """Run validation before training and every `validation_steps`."""
+    validation_steps: int = 200
+    """Validation cadence in steps."""
+    validation_dataset_file: Optional[str] = None
+    """Validation prompts: JSON {"data": [{"caption": ...}, ...]} or a parquet file with text embeddings."""
+    validation_sampling_steps: int = 50
+    """Sampling steps for validation of methods that do not choose their own."""
+    validation_guidance_scale: float = 5.0
+    """Classifier-free guidance for validation of methods that do not choose their own."""
+    validation_seed: int = 42
+    """Seed of the validation noise (fixed across validations)."""
+    generator_update_interval: Optional[int] = None
+    """Deprecated location of the DMD2 knob; `method_config` wins."""
+    real_score_guidance_scale: Optional[float] = None
+    """Deprecated location of the DMD2 knob; `method_config` wins."""
+    dmd_denoising_steps: Optional[list[int]] = None
+    """Deprecated location of the DMD2 knob; `method_config` wins."""
+    simulate_generator_forward: Optional[bool] = None
+    """Deprecated (v1): use method_config.rollout_mode (simulate | data)."""
+
+
+@dataclass
+class PipelineConfig:
+    """Model-side sampling facts shared by training and inference."""
+
+    flow_shift: float = 3.0
+    """Timestep shift S: sigma = S*u / (1 + (S-1)*u)."""
+    sampler_kind: Literal["ode", "sde"] = "ode"
+    """Default sampling loop for validation and `ds-distill sample`."""
+
+
+@dataclass
+class Recipe:
+    """A whole resolved recipe (schema v2)."""
+
+    recipe: RecipeSpec
+    roles: dict[str, RoleSpec]
+    training: TrainingConfig
+    pipeline_config: PipelineConfig = field(default_factory=PipelineConfig)
+    method_config: dict[str, Any] = field(default_factory=dict)
+    source: str = "<recipe>"
+    """The file the recipe came from (for error messages); not part of the YAML."""
+
+    def to_dict(self) -> dict:
+        """The recipe as plain data (what `--print-config` prints and the run saves)."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Generic typed parsing
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        return "a boolean (true/false)"
+    if hint is int:
+        return "an integer"
+    if hint is float:
+        return "a number"
+    if hint is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + " | ".join(str(a) for a in typing.get_args(hint))
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict or dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return str(hint)
+
+
+def _is_optional(hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(hint)) == 2:
+            return True, args[0]
+    return False, hint
+
+
+def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against a type hint and return it converted; raise RecipeError naming `key`."""
+    optional, inner = _is_optional(hint)
+    if value is None:
+        if optional:
+            return None
+        raise RecipeError(f"{source}: {key}: expected {_type_name(inner)}, got null")
+    hint = inner
+    origin = typing.get_origin(hint)
+
+    def bad():
+        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+        return RecipeError(f"{source}: {key}: expected {_type_name(hint)}, got {shown}")
+
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise bad()
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        (item_hint,) = typing.get_args(hint)[:1] or (Any,)
+        return [coerce(v, item_hint, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        _, val_hint = typing.get_args(hint)
+        return {str(k): coerce(v, val_hint, f"{key}.{k}", source) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise bad()
+        return from_dict(hint, value, key, source)
+    raise TypeError(f"unsupported type hint {hint!r} for {key}")
+
+
+def from_dict(cls: type, data: dict, key: str, source: str):
+    """Build dataclass `cls` from a mapping: unknown keys, missing keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != "source"}
+    prefix = f"{key}." if key else ""
+    for name in data:
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise RecipeError(f"{source}: {prefix}{name}: unknown key (known keys: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = coerce(data[name], hints[name], f"{prefix}{name}", source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(f"{source}: {prefix}{name}: required key is missing")
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`training.max_train_steps=5` -> (["training", "max_train_steps"], 5); the value is YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key=value, e.g. training.max_train_steps=10")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise RecipeError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted overrides to the raw recipe mapping (types are checked afterwards)."""
+    data = copy.deepcopy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {text!r}: {part} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+V1_HINT = (
+    "the v1 `distill:` section is no longer read; move `distill.model`/`distill.method` to "
+    "`recipe: {family: ..., method: ...}`, list models under `roles:` (student/teacher/critic with path and "
+    "trainable), and put algorithm knobs in `method_config:` (see README, 'Migrating from v1')"
+)
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping safely; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping at the top level (recipe:, roles:, training:, ...)")
+    return data
+
+
+def recipe_from_mapping(data: dict, source: str) -> Recipe:
+    """Validate a raw mapping as schema v2 (without checking the method's own knobs)."""
+    if "distill" in data:
+        raise RecipeError(f"{source}: distill: {V1_HINT}")
+    if "models" in data and "roles" not in data:
+        raise RecipeError(f"{source}: models: this section is called `roles:` in schema v2; rename it")
+    if "recipe" not in data:
+        raise RecipeError(f"{source}: recipe: required section is missing (recipe: {{family: wan, method: ...}})")
+    recipe = from_dict(Recipe, data, "", source)
+    recipe.source = source
+    if not recipe.roles:
+        raise RecipeError(f"{source}: roles: at least one role is required")
+    for name, role in recipe.roles.items():
+        if role.family is None:
+            role.family = recipe.recipe.family
+    return recipe
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file, apply dotted overrides, and type-check it."""
+    data = read_yaml(path)
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_mapping(data, str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML."""
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None, width=120)
+
+
+def resolve_path(path: str, recipe: Recipe) -> Path:
+    """A path from the recipe: absolute, or relative to the working directory, else to the recipe file."""
+    p = Path(os.path.expanduser(path))
+    if p.is_absolute() or p.exists():
+        return p
+    beside = Path(recipe.source).parent / p
+    return beside if beside.exists() else p

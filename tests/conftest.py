@@ -1,0 +1,129 @@
+"""Shared fixtures: a tiny real Wan, a toy dataset, a one-process DeepSpeed group, subprocess runners."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+# Quiet, deterministic, and no oversubscription of the 2 cores.
+os.environ.setdefault("DS_DISTILL_NO_TQDM", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory) -> Path:
+    """A complete tiny Wan2.1 T2V directory (made offline, once per session)."""
+    from ds_distill.models.tiny import make_tiny_wan
+
+    return make_tiny_wan(tmp_path_factory.mktemp("models") / "tiny_wan")
+
+
+@pytest.fixture(scope="session")
+def toy_data(tiny_wan, tmp_path_factory) -> Path:
+    """The toy dataset encoded with the tiny Wan's text encoder."""
+    from ds_distill.utils.toy_data import ToyDataConfig, make_toy_data
+
+    return make_toy_data(tmp_path_factory.mktemp("data") / "toy", tiny_wan, ToyDataConfig(rows_per_caption=16))
+
+
+@pytest.fixture(scope="session")
+def dist_env():
+    """A one-process DeepSpeed/gloo group for in-process engine tests (initialised once per session)."""
+    from ds_distill.engines import init_distributed
+
+    return init_distributed()
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def finetune_recipe(tiny_wan: Path, toy_data: Path, out: Path, **training) -> dict:
+    """A small finetune recipe dict over the fixtures."""
+    t = {
+        "output_dir": str(out),
+        "data_path": str(toy_data / "latents"),
+        "max_train_steps": 4,
+        "train_batch_size": 4,
+        "dataloader_num_workers": 0,
+        "mixed_precision": "fp32",
+        "learning_rate": 1e-3,
+        "max_grad_norm": 1.0,
+        "text_len": 16,
+        "num_frames": 5,
+        "height": 64,
+        "width": 64,
+        "gradient_checkpointing": False,
+        "checkpointing_steps": 0,
+        "trackers": ["tensorboard"],
+    }
+    t.update(training)
+    return {
+        "recipe": {"family": "wan", "method": "finetune"},
+        "roles": {"student": {"path": str(tiny_wan), "trainable": True}},
+        "training": t,
+        "pipeline_config": {"flow_shift": 3.0},
+        "method_config": {"weighting_scheme": "logit_normal"},
+    }
+
+
+def dmd2_recipe(teacher: Path, data_dir: Path, out: Path, method: dict | None = None, **training) -> dict:
+    """A small DMD2 recipe dict: student and critic start from the teacher."""
+    r = finetune_recipe(teacher, data_dir, out, **training)
+    r["recipe"]["method"] = "dmd2"
+    r["roles"] = {
+        "student": {"path": str(teacher), "trainable": True},
+        "teacher": {"path": str(teacher), "trainable": False},
+        "critic": {"path": str(teacher), "trainable": True},
+    }
+    r["training"].setdefault("data_path", str(data_dir / "text_only"))
+    r["method_config"] = {
+        "rollout_mode": "simulate",
+        "dmd_denoising_steps": [1000, 750, 500, 250],
+        "generator_update_interval": 2,
+        "real_score_guidance_scale": 2.0,
+        **(method or {}),
+    }
+    return r
+
+
+def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run a command line; returns CompletedProcess with text output."""
+    full_env = dict(os.environ)
+    full_env.setdefault("OMP_NUM_THREADS", "1")
+    full_env.update(env or {})
+    return subprocess.run(args, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_cmd(recipe: Path, *extra: str) -> list[str]:
+    return [PYTHON, "-m", "ds_distill.train", "--config", str(recipe), *extra]
+
+
+def deepspeed_cmd(nproc: int, recipe: Path, *extra: str) -> list[str]:
+    """`deepspeed --num_gpus N --module ds_distill.train ...` on the CPU accelerator."""
+    return [str(Path(PYTHON).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(free_port()),
+            "--module", "ds_distill.train", "--config", str(recipe), *extra]
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
