@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ds_distill.train",
         description="Train (finetune or distill) a video diffusion transformer from a schema-v2 recipe.",
+        allow_abbrev=False,
     )
     p.add_argument("--config", required=True, help="recipe YAML (schema v2)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. training.max_train_steps=10")

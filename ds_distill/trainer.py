@@ -11,6 +11,7 @@ import torch
 
 from ds_distill.dispatch import Runtime
 from ds_distill.utils import checkpoint as ckpt
+from ds_distill.utils import faults
 from ds_distill.utils.dataloader import ParquetDataset, TrainLoader
 from ds_distill.utils.tracking import Tracker
 
@@ -108,6 +109,7 @@ class Trainer:
             self.strategy.save(role.engine, tmp, role.name, client)
         self.method.extra_checkpoint_files(lambda r: tmp / r)
         self.strategy.barrier()
+        faults.maybe_kill("mid_save", self.step)
         final = ckpt.checkpoint_dir(self.output_dir, self.step)
         if self.dist.is_main:
             state = {"step": self.step, "micro_step": self.micro_step, "world_size": self.dist.world_size,
@@ -158,6 +160,7 @@ class Trainer:
                 self.validate()
             if (t.checkpointing_steps and self.step % t.checkpointing_steps == 0) or self.step == t.max_train_steps:
                 self.save()
+            faults.maybe_kill("after_step", self.step)
         if bar is not None:
             bar.close()
         self.tracker.close()

@@ -150,6 +150,9 @@ def commit_save(output_dir: Path, step: int, state: dict, keep_last: int, protec
     else:
         os.rename(tmp, final)
     _fsync_dir(output_dir)
+    from ds_distill.utils import faults
+
+    faults.maybe_kill("before_latest", step)
     write_text_atomic(output_dir / LATEST_FILE, final.name)
     rotate(output_dir, keep_last, protect={final} | ({Path(protect)} if protect else set()))
     return final

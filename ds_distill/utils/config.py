@@ -237,6 +237,12 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise bad()
         return value
     if hint is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-4` (no dot) as a string; accept what is clearly a number.
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
         return float(value)

@@ -1,0 +1,32 @@
+"""Fault injection for crash tests: `DS_DISTILL_FAULT=<point>@<step>[,<point>@<step>...]` makes every rank
+SIGKILL itself when it reaches that point at that step. Points: `after_step`, `mid_save` (partitions
+written, folder not sealed), `before_latest` (folder renamed, `latest` not yet updated), `nan_loss`
+(the method's loss turns NaN, for the non-finite guards). Unset in normal runs: one dict lookup per call.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+
+def _parse(spec: str) -> set[tuple[str, int]]:
+    out = set()
+    for part in spec.split(","):
+        if "@" in part:
+            point, step = part.strip().split("@", 1)
+            out.add((point, int(step)))
+    return out
+
+
+_FAULTS = _parse(os.environ.get("DS_DISTILL_FAULT", ""))
+
+
+def armed(point: str, step: int) -> bool:
+    """Whether a fault is set for this point and step."""
+    return (point, step) in _FAULTS
+
+
+def maybe_kill(point: str, step: int) -> None:
+    """SIGKILL this process if a fault is armed here (nothing is flushed, as in a real crash)."""
+    if (point, step) in _FAULTS:
+        os.kill(os.getpid(), signal.SIGKILL)
