@@ -1,0 +1,195 @@
+"""DMD2 on real ZeRO-3 engines (one rank, in process) against an independent plain-PyTorch computation."""
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from conftest import dmd2_recipe, write_recipe
+from ds_distill.dispatch import build_runtime, check_recipe
+from ds_distill.engines import Strategy
+from ds_distill.utils import rng
+from ds_distill.utils.config import load_recipe
+from ds_distill.utils.dataloader import ParquetDataset, TrainLoader
+
+STEPS_RAW = [1000, 750, 500, 250]
+SHIFT = 3.0
+W = 2.0
+
+
+@pytest.fixture(scope="module")
+def runtime(dist_env, tiny_wan, toy_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dmd2")
+    recipe = dmd2_recipe(tiny_wan, toy_data, tmp / "out", train_batch_size=2, max_grad_norm=0.0,
+                         data_path=str(toy_data / "text_only"), gradient_checkpointing=True)
+    path = write_recipe(tmp / "r.yaml", recipe)
+    checked = check_recipe(load_recipe(path))
+    rt = build_runtime(checked, Strategy(dist_env))
+    ds = ParquetDataset(toy_data / "text_only", 16, need_latents=False)
+    rt.loader = TrainLoader(ds, 2, 0, 1, seed=0)
+    return rt
+
+
+def plain(tiny_wan):
+    return WanTransformer3DModel.from_pretrained(tiny_wan / "transformer").float()
+
+
+def shifted(raw: torch.Tensor) -> torch.Tensor:
+    u = raw / 1000.0
+    return 1000.0 * SHIFT * u / (1 + (SHIFT - 1) * u)
+
+
+def full_grads(module) -> dict[str, torch.Tensor]:
+    from deepspeed.utils import safe_get_full_grad
+
+    return {n: safe_get_full_grad(p).clone() for n, p in module.named_parameters()}
+
+
+def full_weights(module) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def model_v(model, x, t, cond):
+    return model(hidden_states=x, timestep=t, encoder_hidden_states=cond, return_dict=False)[0].float()
+
+
+def reference_sample(model, ids, shape, cond, k, stream, grad):
+    """Simulated rollout written out by hand: SDE steps 0..k-1 without grad, step k with grad."""
+    ts = shifted(torch.tensor(STEPS_RAW, dtype=torch.float32))
+    x = rng.per_sample_randn(shape, ids, 0, stream, extra=0)
+    with torch.no_grad():
+        for i in range(k):
+            v = model_v(model, x, ts[i].expand(len(ids)), cond)
+            x0 = x - ts[i] / 1000 * v
+            eps = rng.per_sample_randn(shape, ids, 0, stream, extra=i + 1)
+            s = ts[i + 1] / 1000
+            x = (1 - s) * x0 + s * eps
+    with torch.set_grad_enabled(grad):
+        v = model_v(model, x, ts[k].expand(len(ids)), cond)
+        return x - ts[k] / 1000 * v
+
+
+def score_t(ids, stream):
+    u = rng.per_sample_rand(ids, 0, stream)
+    return shifted(u * 1000).clamp(20.0, 980.0)
+
+
+def test_generator_gradient_matches_independent_computation(runtime, tiny_wan):
+    m, a = runtime.method, runtime.adapter
+    raw = next(runtime.loader)
+    b = a.prepare_batch(raw, latents_source="zeros")
+    step = 2
+    loss = m.generator_loss(b, step)
+    a.backward(m.student, loss)
+    got = full_grads(m.student.module)
+    m.student.engine.optimizer.zero_grad()
+
+    student, critic, teacher = plain(tiny_wan), plain(tiny_wan), plain(tiny_wan)
+    ids, shape, cond = b.sample_ids, b.latent_shape, b.cond.float()
+    k = rng.shared_randint(4, 0, "rollout_noise", step)
+    x0_gen = reference_sample(student, ids, shape, cond, k, "rollout_noise", grad=True)
+    with torch.no_grad():
+        t = score_t(ids, "score_timestep")
+        s = (t / 1000).view(-1, 1, 1, 1, 1)
+        eps = rng.per_sample_randn(shape, ids, 0, "score_noise")
+        x_t = (1 - s) * x0_gen + s * eps
+        fake = x_t - s * model_v(critic, x_t, t, cond)
+        real_c = x_t - s * model_v(teacher, x_t, t, cond)
+        real_u = x_t - s * model_v(teacher, x_t, t, b.uncond.float())
+        real = real_c + W * (real_c - real_u)
+        g = (fake - real) / (x0_gen - real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)
+    ref_loss = 0.5 * torch.nn.functional.mse_loss(x0_gen, (x0_gen - g).detach())
+    ref_loss.backward()
+    assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
+    for n, p in student.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+    assert any(float(v.abs().max()) > 0 for v in got.values())
+
+
+def test_critic_loss_matches_independent_computation(runtime, tiny_wan):
+    m, a = runtime.method, runtime.adapter
+    raw = next(runtime.loader)
+    b = a.prepare_batch(raw, latents_source="zeros")
+    step = 3
+    loss = m.critic_loss(b, step)
+    a.backward(m.critic, loss)
+    got = full_grads(m.critic.module)
+    m.critic.engine.optimizer.zero_grad()
+
+    student, critic = plain(tiny_wan), plain(tiny_wan)
+    ids, shape, cond = b.sample_ids, b.latent_shape, b.cond.float()
+    k = rng.shared_randint(4, 0, "critic_rollout", step)
+    x0 = reference_sample(student, ids, shape, cond, k, "critic_rollout", grad=False)
+    t = score_t(ids, "critic_timestep")
+    s = (t / 1000).view(-1, 1, 1, 1, 1)
+    eps = rng.per_sample_randn(shape, ids, 0, "critic_noise")
+    x_t = (1 - s) * x0 + s * eps
+    ref = torch.nn.functional.mse_loss(model_v(critic, x_t, t, cond), eps - x0)
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    for n, p in critic.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_roles_step_on_schedule_and_teacher_never_changes(runtime):
+    """interval 2: student frozen on odd iterations, stepped on even ones; critic every iteration;
+    the teacher holds no optimizer and its weights never move."""
+    m = runtime.method
+    from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload
+
+    # ZeRO-inference: only the parameter-fetch coordinator, no optimizer and no optimizer state.
+    assert m.teacher.engine.basic_optimizer is None
+    assert type(m.teacher.engine.optimizer) is DeepSpeedZeRoOffload
+    assert not hasattr(m.teacher.engine.optimizer, "fp32_partitioned_groups_flat")
+    assert all(not p.requires_grad for p in m.teacher.module.parameters())
+    assert all(p.ds_tensor.numel() > 0 for p in m.teacher.module.parameters())  # partitioned by ZeRO-3
+    teacher0 = full_weights(m.teacher.module)
+    for step in (5, 6, 7):
+        before_s, before_c = full_weights(m.student.module), full_weights(m.critic.module)
+        scalars = m.train_one_step([next(runtime.loader)], step)
+        after_s, after_c = full_weights(m.student.module), full_weights(m.critic.module)
+        moved_s = any(not torch.equal(before_s[n], after_s[n]) for n in before_s)
+        moved_c = any(not torch.equal(before_c[n], after_c[n]) for n in before_c)
+        assert moved_s == (step % 2 == 0), step
+        assert ("student/loss" in scalars) == (step % 2 == 0)
+        assert moved_c and "critic/loss" in scalars
+    teacher1 = full_weights(m.teacher.module)
+    assert all(torch.equal(teacher0[n], teacher1[n]) for n in teacher0)
+
+
+def test_guidance_zero_skips_unconditional_pass(runtime):
+    """w = 0: two fewer teacher calls per generator step (conditional branch only)."""
+    m = runtime.method
+    calls = []
+    hook = m.teacher.module.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        b = m.adapter.prepare_batch(next(runtime.loader), latents_source="zeros")
+        x0 = torch.zeros(b.batch_size, *b.latent_shape)
+        m.dmd_target(x0, b)
+        with_uncond = len(calls)
+        calls.clear()
+        old, m.config.real_score_guidance_scale = m.config.real_score_guidance_scale, 0.0
+        m.dmd_target(x0, b)
+        m.config.real_score_guidance_scale = old
+    finally:
+        hook.remove()
+    assert (with_uncond, len(calls)) == (2, 1)
+
+
+def test_exit_index_stops_early(runtime):
+    """simulate: the rollout makes exactly k+1 student calls for the shared exit index k."""
+    m = runtime.method
+    b = m.adapter.prepare_batch(next(runtime.loader), latents_source="zeros")
+    calls = []
+    hook = m.student.module.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        for step in range(8):
+            calls.clear()
+            with torch.no_grad():
+                m.student_sample(b, step, with_grad=False, stream="critic_rollout")
+            assert len(calls) == rng.shared_randint(4, 0, "critic_rollout", step) + 1
+    finally:
+        hook.remove()
