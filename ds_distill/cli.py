@@ -9,6 +9,8 @@ COMMANDS = {
     "train": ("ds_distill.train", "train from a recipe (same as python -m ds_distill.train)"),
     "make-tiny-wan": ("ds_distill.models.tiny", "write a tiny random Wan2.1 T2V directory (offline)"),
     "make-toy-data": ("ds_distill.utils.toy_data", "write a toy parquet dataset with a known distribution"),
+    "sample": ("ds_distill.sample", "generate mp4 videos from a Wan directory (ODE or SDE sampler)"),
+    "eval-toy": ("ds_distill.evaluate", "score samples against the toy dataset's known distribution"),
     "preprocess": ("ds_distill.preprocess", "videos + captions JSON -> training parquet (resumable)"),
     "report": ("ds_distill.report", "environment and op report (ds_report plus our ops)"),
 }

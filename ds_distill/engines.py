@@ -307,6 +307,14 @@ class Strategy:
         torch.distributed.broadcast_object_list(box, src=src)
         return box[0]
 
+    def gather_object(self, obj: Any, dst: int = 0) -> list | None:
+        """Every rank's `obj` as a list on rank `dst`; None elsewhere."""
+        if self.dist.world_size == 1:
+            return [obj]
+        parts = [None] * self.dist.world_size if self.dist.rank == dst else None
+        torch.distributed.gather_object(obj, parts, dst=dst)
+        return parts
+
     # -- checkpoints ----------------------------------------------------------------------------
     @staticmethod
     def save(engine, save_dir: str | os.PathLike, tag: str, client_state: dict) -> None:

@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         from ds_distill.dispatch import get_family
 
         get_family(spec.family, recipe.source)().components(spec.path, recipe.source, f"roles.{name}.path")
+    if recipe.training.log_validation:
+        from ds_distill.utils.config import resolve_path
+        from ds_distill.validators.prompts import load_prompts
+
+        load_prompts(resolve_path(recipe.training.validation_dataset_file, recipe))
     need_latents = checked.method_cls.needs_latents(checked.method_config)
     dataset = ParquetDataset(recipe.training.data_path, recipe.training.text_len, need_latents)
     output_dir = Path(recipe.training.output_dir)

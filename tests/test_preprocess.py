@@ -66,15 +66,6 @@ def decode_mp4(path: Path) -> np.ndarray:
         return np.stack([frame for frame in reader])  # list(reader) trips on its len() of inf
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny convolutions on 2 shared cores: a second intra-op thread only waits (10x slower under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> tuple[Path, Path]:
     """A folder of small mp4 files and a captions JSON mixing our format and FastVideo's."""

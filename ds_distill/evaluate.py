@@ -1,0 +1,183 @@
+"""`ds-distill eval-toy`: how close samples of a model are to the toy dataset's known distribution.
+
+Prints one row per (model, sampler, steps): nearest-mode MSE (data itself scores spread^2), mode coverage and
+balance (see `utils.toy_data.score_samples`). Models are Diffusers directories (e.g. an export) or a checkpoint
+role folder (`checkpoint-N/student`, read with DeepSpeed's zero_to_fp32 and the config of --base).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ds_distill.errors import UserError, exit_on_user_error
+
+
+@dataclass
+class EvalSpec:
+    """One row of the table: which model, which loop, how many steps, what guidance."""
+
+    label: str
+    model: str
+    sampler: str
+    steps: int | None = None
+    raw_timesteps: list[float] | None = None
+    guidance_scale: float = 1.0
+
+
+def load_transformer(path: str | Path, base: str | Path | None = None, ema: bool = False):
+    """A plain fp32 WanTransformer3DModel from a Diffusers dir, or from a ZeRO-3 checkpoint role folder."""
+    from diffusers import WanTransformer3DModel
+
+    p = Path(path)
+    if (p / "transformer" / "config.json").is_file():
+        return WanTransformer3DModel.from_pretrained(p / "transformer").float().eval()
+    if (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
+        return WanTransformer3DModel.from_pretrained(p).float().eval()
+    if any(p.glob("*_model_states.pt")):
+        if base is None:
+            raise UserError(f"{p}: a checkpoint folder needs --base MODEL_DIR for the transformer config")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        config = WanTransformer3DModel.load_config(Path(base) / "transformer")
+        model = WanTransformer3DModel.from_config(config).float()
+        if ema:
+            state = _ema_state(p, model)
+        else:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
+        model.load_state_dict(state)
+        return model.eval()
+    raise UserError(f"{p}: not a Diffusers model directory or a checkpoint role folder")
+
+
+def _ema_state(role_dir: Path, model) -> dict:
+    """Reassemble EMA partitions (each rank's flat slice of every parameter)."""
+    from safetensors import safe_open
+
+    files = sorted((role_dir / "ema").glob("rank-*.safetensors"))
+    if not files:
+        raise UserError(f"{role_dir}: no EMA partitions (ema/rank-*.safetensors)")
+    handles = [safe_open(str(f), "pt") for f in files]
+    shapes = json.loads(handles[0].metadata()["shapes"])
+    out = {}
+    for name, shape in shapes.items():
+        flat = torch.cat([h.get_tensor(name).flatten() for h in handles])
+        n = int(torch.tensor(shape).prod()) if shape else 1
+        out[name] = flat[:n].reshape(shape).float()
+    return out
+
+
+def toy_conditions(data_dir: Path, text_len: int) -> tuple[list[str], torch.Tensor]:
+    """The caption of each mode group and its training text embedding [K, L, D] (padded like the loader)."""
+    from ds_distill.utils.dataloader import ParquetDataset
+    from ds_distill.utils.toy_data import load_mode_centers
+
+    _, captions = load_mode_centers(data_dir)
+    ds = ParquetDataset(data_dir / "text_only", text_len, need_latents=False)
+    found = {}
+    for i in range(len(ds)):
+        row = ds[i]
+        found.setdefault(row["caption"], row["text_embedding"])
+        if len(found) == len(captions):
+            break
+    return captions, torch.stack([found[c] for c in captions])
+
+
+def sample_model(model, spec: EvalSpec, conds: torch.Tensor, uncond: torch.Tensor, per_caption: int,
+                 latent_shape, flow_shift: float, seed: int, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples [N, C, T, H, W] (normalised space) and their caption index [N]."""
+    from ds_distill.samplers import denoiser_from_module, sample_latents
+
+    denoise = denoiser_from_module(model, torch.float32)
+    k = conds.shape[0]
+    idx = torch.arange(k).repeat_interleave(per_caption)
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    for lo in range(0, len(idx), batch):
+        ci = idx[lo : lo + batch]
+        noise = torch.randn((len(ci), *latent_shape), generator=g)
+        with torch.no_grad():
+            out.append(sample_latents(
+                spec.sampler, denoise, noise, conds[ci], flow_shift=flow_shift, generator=g,
+                num_steps=spec.steps or 50, raw_timesteps=spec.raw_timesteps,
+                guidance_scale=spec.guidance_scale, uncond=uncond.expand(len(ci), -1, -1),
+            ))
+    return torch.cat(out), idx
+
+
+def evaluate(specs: list[EvalSpec], data_dir: str | Path, base: str | Path | None = None, per_caption: int = 32,
+             flow_shift: float = 3.0, text_len: int = 16, seed: int = 1234, ema: bool = False,
+             uncond: torch.Tensor | None = None) -> list[dict]:
+    """Score every spec (plus the dataset itself) against the toy distribution."""
+    from ds_distill.utils.dataloader import ParquetDataset
+    from ds_distill.utils.toy_data import load_mode_centers, score_samples
+
+    data_dir = Path(data_dir)
+    centers, _ = load_mode_centers(data_dir)
+    captions, conds = toy_conditions(data_dir, text_len)
+    if uncond is None:
+        uncond = torch.zeros(1, *conds.shape[1:])
+    rows = []
+    # The data row: real latents, normalised with the model's VAE stats.
+    ds = ParquetDataset(data_dir / "latents", text_len, need_latents=True)
+    vae_cfg = json.loads((Path(base or specs[0].model) / "vae" / "config.json").read_text())
+    c = len(vae_cfg["latents_mean"])
+    mean = torch.tensor(vae_cfg["latents_mean"]).view(c, 1, 1, 1)
+    std = torch.tensor(vae_cfg["latents_std"]).view(c, 1, 1, 1)
+    lat, cap = [], []
+    for i in range(len(ds)):
+        r = ds[i]
+        lat.append((r["vae_latent"] - mean) / std)
+        cap.append(captions.index(r["caption"]))
+    rows.append({"label": "data", **score_samples(torch.stack(lat), torch.tensor(cap), centers)})
+    shape = tuple(centers.shape[2:])
+    models: dict[str, torch.nn.Module] = {}
+    for spec in specs:
+        if spec.model not in models:
+            models[spec.model] = load_transformer(spec.model, base, ema=ema)
+        samples, idx = sample_model(models[spec.model], spec, conds, uncond, per_caption, shape, flow_shift, seed)
+        rows.append({"label": spec.label, **score_samples(samples, idx, centers)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'samples':<28} {'mode_mse':>10} {'coverage':>9} {'balance':>8}"]
+    for r in rows:
+        lines.append(f"{r['label']:<28} {r['mode_mse']:>10.4f} {r['coverage']:>9.2f} {r['balance']:>8.2f}")
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ds-distill eval-toy --data TOY --teacher DIR --student DIR_OR_CKPT [--base DIR]."""
+    p = argparse.ArgumentParser(prog="ds-distill eval-toy", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, help="toy dataset folder (make-toy-data output)")
+    p.add_argument("--teacher", required=True, help="teacher model directory")
+    p.add_argument("--student", help="student model directory or checkpoint role folder")
+    p.add_argument("--base", help="Diffusers dir with vae/ and transformer/config.json (for checkpoints)")
+    p.add_argument("--ema", action="store_true", help="read the student's EMA partitions from a checkpoint")
+    p.add_argument("--timesteps", default="1000,750,500,250", help="the few-step raw timesteps")
+    p.add_argument("--guidance", type=float, default=1.0, help="teacher CFG scale")
+    p.add_argument("--per-caption", type=int, default=32)
+    p.add_argument("--flow-shift", type=float, default=3.0)
+    p.add_argument("--text-len", type=int, default=16)
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args(argv)
+    steps = [float(s) for s in args.timesteps.split(",")]
+    n = len(steps)
+    specs = [
+        EvalSpec("teacher@50 ode", args.teacher, "ode", steps=50, guidance_scale=args.guidance),
+        EvalSpec(f"teacher@{n} sde", args.teacher, "sde", raw_timesteps=steps, guidance_scale=args.guidance),
+    ]
+    if args.student:
+        specs += [EvalSpec(f"student@{n} sde", args.student, "sde", raw_timesteps=steps),
+                  EvalSpec("student@1 sde", args.student, "sde", raw_timesteps=steps[:1])]
+    rows = evaluate(specs, args.data, base=args.base or args.teacher, per_caption=args.per_caption,
+                    flow_shift=args.flow_shift, text_len=args.text_len, ema=args.ema)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0

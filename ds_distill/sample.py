@@ -1,0 +1,240 @@
+"""`ds-distill sample`: generate mp4 videos from any Diffusers-format Wan directory (an exported student,
+a released Wan2.1 T2V model, the tiny Wan) with the ODE or SDE loop that validation uses.
+
+Plain PyTorch in one process: no DeepSpeed process group. Examples:
+
+    ds-distill sample --model outputs/student --output-dir out --sampler sde --timesteps 1000 750 500 250 \\
+        --prompt "a cat walking on a sunny street"
+    ds-distill sample --model Wan2.1-T2V-1.3B-Diffusers --output-dir out --steps 50 --guidance 5 \\
+        --prompts-file prompts.json
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ds_distill.errors import UserError, exit_on_user_error
+
+logger = logging.getLogger("ds_distill")
+
+DEFAULT_SIZE = {"height": 480, "width": 832, "num_frames": 81}
+DEFAULT_ODE_STEPS = 50
+DEFAULT_SDE_TIMESTEPS = [1000.0, 750.0, 500.0, 250.0]
+DEFAULT_GUIDANCE = {"ode": 5.0, "sde": 1.0}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ds_distill.utils.config import WAN_NEGATIVE_PROMPT
+
+    p = argparse.ArgumentParser(
+        prog="ds-distill sample",
+        description="Generate mp4 videos from a Diffusers-format Wan directory with the ODE or SDE sampler.",
+    )
+    p.add_argument("--model", required=True, help="Diffusers-format Wan directory (transformer/, vae/, ...)")
+    p.add_argument("--output-dir", required=True, help="where <i>-<slug>.mp4 files are written")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a caption (repeat for several videos)")
+    src.add_argument("--prompts-file", help='JSON {"data": [{"caption": ...}]} or parquet with text embeddings')
+    p.add_argument("--sampler", choices=["ode", "sde"], default="ode",
+                   help="ode: the flow-matching scheduler with CFG (default); sde: x0 prediction + re-noising")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help=f"sampling steps (ode default: the prompts file's "
+                       f"num_inference_steps, else {DEFAULT_ODE_STEPS}; sde: evenly spaced raw timesteps)")
+    steps.add_argument("--timesteps", type=float, nargs="+",
+                       help="explicit descending raw timesteps in (0, 1000], shifted by the flow shift "
+                            f"(sde default: {' '.join(str(int(t)) for t in DEFAULT_SDE_TIMESTEPS)})")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale; 1 disables (default: 5 for ode, 1 for sde)")
+    p.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="unconditional prompt for guidance > 1")
+    p.add_argument("--seed", type=int, default=0, help="video i is seeded with seed + i (default 0)")
+    p.add_argument("--height", type=int, default=None, help=f"default: the prompts file, else {DEFAULT_SIZE['height']}")
+    p.add_argument("--width", type=int, default=None, help=f"default: the prompts file, else {DEFAULT_SIZE['width']}")
+    p.add_argument("--num-frames", type=int, default=None,
+                   help=f"4k+1 frames (default: the prompts file, else {DEFAULT_SIZE['num_frames']})")
+    p.add_argument("--flow-shift", type=float, default=None,
+                   help="timestep shift (default: the model's scheduler config, else 3.0)")
+    p.add_argument("--text-len", type=int, default=512, help="text tokens the condition is padded to (default 512)")
+    p.add_argument("--fps", type=int, default=16, help="frame rate of the mp4 files (default 16)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="transformer dtype (default: bf16 on GPUs, fp32 on the CPU); latents stay fp32")
+    p.add_argument("--components-from", default=None,
+                   help="a Wan directory supplying vae/, text_encoder/, tokenizer/ that --model lacks")
+    p.add_argument("--save-latents", action="store_true",
+                   help="also write each video's final latents (model space) as <i>-<slug>.safetensors")
+    return p
+
+
+def flow_shift_of(scheduler_config: dict) -> float:
+    """The shift a model directory's scheduler was saved with (FlowMatchEuler: `shift`, UniPC: `flow_shift`)."""
+    for key in ("shift", "flow_shift"):
+        if isinstance(scheduler_config.get(key), (int, float)):
+            return float(scheduler_config[key])
+    return 3.0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: {name!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device: {name} asked for, but torch sees no CUDA device here")
+    return device
+
+
+def component_dir(name: str, model_dir: Path, fallback: Optional[Path], purpose: str) -> Path:
+    """The directory holding `name/`: the model's own, else --components-from's."""
+    for base in (model_dir, fallback):
+        if base is not None and (base / name).is_dir():
+            return base
+    hint = "" if fallback else "; pass --components-from BASE_WAN_DIR"
+    where = f"{model_dir} and {fallback}" if fallback else str(model_dir)
+    raise UserError(f"--model: {where} has no {name}/ (needed {purpose}){hint}")
+
+
+def load_prompt_list(args) -> tuple[list, str]:
+    from ds_distill.validators.prompts import ValidationPrompt, load_prompts
+
+    if args.prompts_file:
+        return load_prompts(args.prompts_file), args.prompts_file
+    prompts = []
+    for i, caption in enumerate(args.prompt):
+        if not caption.strip():
+            raise UserError(f"--prompt #{i + 1} is empty")
+        prompts.append(ValidationPrompt(caption=caption, where=f"prompt {i}"))
+    return prompts, "--prompt"
+
+
+def resolve_schedule(args, prompt) -> tuple[int, Optional[list[float]]]:
+    """(num_steps, raw_timesteps) for one prompt."""
+    if args.timesteps is not None:
+        return len(args.timesteps), list(args.timesteps)
+    if args.sampler == "sde":
+        if args.steps is not None:
+            return args.steps, None
+        return len(DEFAULT_SDE_TIMESTEPS), list(DEFAULT_SDE_TIMESTEPS)
+    return args.steps or prompt.num_inference_steps or DEFAULT_ODE_STEPS, None
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from ds_distill.models.components import read_components, resolve_model_dir, transformer_dir
+    from ds_distill.models.wan import PromptEncoder, latent_shape_for
+    from ds_distill.samplers import check_raw_timesteps, denoiser_from_module, initial_noise, sample_latents
+    from ds_distill.validators.prompts import check_text_dim, pad_embedding, slugify
+    from ds_distill.validators.wan import WanDecoder, check_video_sizes, frames_to_uint8, write_mp4
+
+    # -- check everything the user typed before loading anything -------------------------------------
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps: must be at least 1, got {args.steps}")
+    if args.timesteps is not None:
+        try:
+            check_raw_timesteps(args.timesteps)
+        except ValueError as exc:
+            raise UserError(f"--timesteps: {exc}") from None
+    for flag, value in (("--text-len", args.text_len), ("--height", args.height), ("--width", args.width),
+                        ("--num-frames", args.num_frames), ("--fps", args.fps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}: must be at least 1, got {value}")
+    guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.sampler]
+    model_dir = resolve_model_dir(args.model, "ds-distill sample", "--model")
+    fallback = None
+    if args.components_from:
+        fallback = resolve_model_dir(args.components_from, "ds-distill sample", "--components-from")
+    comps = read_components(model_dir)
+    vae_base = component_dir("vae", model_dir, fallback, "to decode videos")
+    vae_config = comps.vae_config or read_components(vae_base).vae_config
+    scheduler_config = comps.scheduler_config or (read_components(fallback).scheduler_config if fallback else {})
+    flow_shift = args.flow_shift if args.flow_shift is not None else flow_shift_of(scheduler_config)
+    prompts, source = load_prompt_list(args)
+    for p in prompts:
+        for key, default in DEFAULT_SIZE.items():
+            setattr(p, key, getattr(args, key) or getattr(p, key) or default)
+    check_video_sizes(prompts, vae_config, comps.transformer_config.get("patch_size"), source)
+    check_text_dim(prompts, comps.transformer_config.get("text_dim", 4096), source)
+    device = pick_device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    out_dir = Path(args.output_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output-dir: cannot create {out_dir} ({exc.strerror})") from None
+
+    # -- text: encode captions (and the negative prompt) once, then free the encoder ------------------
+    started = time.perf_counter()
+    todo = [p for p in prompts if p.embedding is None]
+    uncond = None
+    if todo or guidance > 1.0:
+        text_base = component_dir("text_encoder", model_dir, fallback, "to encode prompts")
+        encoder = PromptEncoder(text_base, device=device)
+        embeddings = encoder([p.caption for p in todo] + ([args.negative_prompt] if guidance > 1.0 else []),
+                             args.text_len)
+        for p, emb in zip(todo, embeddings):
+            p.embedding = emb
+        if guidance > 1.0:
+            uncond = pad_embedding(embeddings[-1], args.text_len).unsqueeze(0).to(device)
+        del encoder
+        gc.collect()
+
+    # -- transformer and sampling -------------------------------------------------------------------
+    from diffusers import WanTransformer3DModel
+
+    transformer = WanTransformer3DModel.from_pretrained(str(transformer_dir(model_dir)), torch_dtype=dtype)
+    transformer = transformer.to(device).eval()
+    denoiser = denoiser_from_module(transformer, dtype)
+    results = []
+    for i, p in enumerate(prompts):
+        num_steps, raw_timesteps = resolve_schedule(args, p)
+        shape = latent_shape_for(vae_config, p.num_frames, p.height, p.width)
+        generator = torch.Generator("cpu").manual_seed(args.seed + i)
+        noise = initial_noise((1, *shape), generator, device)
+        cond = pad_embedding(p.embedding, args.text_len).unsqueeze(0).to(device)
+        latents = sample_latents(
+            args.sampler, denoiser, noise, cond, flow_shift=flow_shift, generator=generator,
+            num_steps=num_steps, raw_timesteps=raw_timesteps, guidance_scale=guidance, uncond=uncond,
+            scheduler_config=scheduler_config,
+        )
+        results.append((i, p, latents.cpu(), num_steps, raw_timesteps))
+    del transformer
+    gc.collect()
+
+    # -- decode and write ---------------------------------------------------------------------------
+    decoder = WanDecoder(vae_base, device=device)
+    manifest = []
+    for i, p, latents, num_steps, raw_timesteps in results:
+        name = f"{i}-{slugify(p.caption)}"
+        frames = frames_to_uint8(decoder.decode(latents)[0])
+        path = write_mp4(out_dir / f"{name}.mp4", frames, args.fps)
+        if args.save_latents:
+            from safetensors.torch import save_file
+
+            save_file({"latents": latents.contiguous()}, str(out_dir / f"{name}.safetensors"))
+        manifest.append({"file": path.name, "caption": p.caption, "seed": args.seed + i, "height": p.height,
+                         "width": p.width, "num_frames": p.num_frames, "sampling_steps": num_steps,
+                         "sampling_timesteps": raw_timesteps})
+        print(f"wrote {path} ({frames.shape[0]} frames, {p.width}x{p.height})", flush=True)
+    meta = {"model": str(model_dir), "sampler_kind": args.sampler, "guidance_scale": guidance,
+            "flow_shift": flow_shift, "videos": manifest}
+    (out_dir / "manifest.json").write_text(json.dumps(meta, indent=2))
+    print(f"{len(results)} video{'s' if len(results) != 1 else ''} in {time.perf_counter() - started:.1f} s "
+          f"({args.sampler}, guidance {guidance:g}, flow shift {flow_shift:g}) -> {out_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
