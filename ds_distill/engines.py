@@ -222,8 +222,10 @@ class Strategy:
         import deepspeed
 
         # dtype comes from the config: passing it explicitly is misread on accelerators without fp16 (0.19.8
-        # turns an explicit float32 into bfloat16 on the CPU).
-        return deepspeed.zero.Init(config_dict_or_path=ds_config)
+        # turns an explicit float32 into bfloat16 on the CPU). mem_efficient_linear would replace
+        # torch.nn.functional.linear process-wide with a slower autograd Function; engines built from
+        # already-partitioned modules train correctly with the stock one (tested against plain PyTorch).
+        return deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False)
 
     @staticmethod
     def param_dtype(ds_config: dict) -> torch.dtype:

@@ -93,3 +93,27 @@ def test_killed_run_resumes_exactly(tiny_wan, toy_data, tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_dmd2_two_ranks_match_one_rank(tiny_wan, toy_data, tmp_path):
+    """simulate rollout, generator_update_interval 2, 20 iterations: 2 ranks finish (no hang: same collectives
+    on every rank) and give 1 rank's losses for the same global batch."""
+    from conftest import dmd2_recipe
+
+    runs = {}
+    for nproc, micro in ((1, 2), (2, 1)):
+        out = tmp_path / f"d{nproc}"
+        recipe = dmd2_recipe(tiny_wan, toy_data, out, max_train_steps=20, train_batch_size=micro,
+                             data_path=str(toy_data / "text_only"), dataloader_num_workers=0,
+                             gradient_checkpointing=True)
+        path = write_recipe(tmp_path / f"d{nproc}.yaml", recipe)
+        res = run_cli(train_cmd(path) if nproc == 1 else deepspeed_cmd(2, path), timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        runs[nproc] = read_metrics(out)
+    assert [m["step"] for m in runs[2]] == list(range(1, 21))
+    for a, b in zip(runs[1], runs[2]):
+        assert a.keys() == b.keys()
+        assert ("student/loss" in a) == (a["step"] % 2 == 0)
+        for k in ("critic/loss", "student/loss"):
+            if k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
