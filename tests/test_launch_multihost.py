@@ -43,7 +43,7 @@ def two_hosts(tmp_path_factory, request):
     try:
         cluster.up()
     except ClusterUnavailable as exc:
-        pytest.skip(f"cannot make two network namespaces here: {exc}")
+        pytest.skip(f"two-host launch not possible here: {exc}")
     return cluster
 
 
