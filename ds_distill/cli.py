@@ -11,6 +11,7 @@ COMMANDS = {
     "make-toy-data": ("ds_distill.utils.toy_data", "write a toy parquet dataset with a known distribution"),
     "sample": ("ds_distill.sample", "generate mp4 videos from a Wan directory (ODE or SDE sampler)"),
     "eval-toy": ("ds_distill.evaluate", "score samples against the toy dataset's known distribution"),
+    "convert": ("ds_distill.export", "ZeRO-3 checkpoint -> Diffusers safetensors directory (streamed)"),
     "preprocess": ("ds_distill.preprocess", "videos + captions JSON -> training parquet (resumable)"),
     "report": ("ds_distill.report", "environment and op report (ds_report plus our ops)"),
 }

@@ -33,7 +33,8 @@ def tmp_dir(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / f".tmp-checkpoint-{step}"
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under root (before a rename publishes them)."""
     for dirpath, _, files in os.walk(root):
         for f in files:
             fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
@@ -138,7 +139,7 @@ def commit_save(output_dir: Path, step: int, state: dict, keep_last: int, protec
     final = checkpoint_dir(output_dir, step)
     state = dict(state, complete=True)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     if final.exists():
         # Re-saving a step (e.g. resumed exactly at it): move the old copy aside first, drop it after.
         old = output_dir / f".old-checkpoint-{step}"
