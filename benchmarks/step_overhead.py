@@ -1,7 +1,8 @@
 """What one finetune step costs three ways, on the same Wan-architecture model (>= 20M params), in one run:
 
-  plain    plain PyTorch: model, torch.optim.AdamW(fused=True), loss.backward(), clip, step
-  bare     a bare DeepSpeed engine with the same ZeRO-3 config dict and the same optimizer, same math
+  plain    plain PyTorch: the flow-matching step written out, torch.optim.AdamW(fused=True), clip, step
+  bare     a bare DeepSpeed engine (deepspeed.initialize with the same ZeRO-3 config dict and optimizer),
+           the same hand-written math
   ds       ds_distill: the `finetune` method through the trainer's engines (FinetuneMethod.train_one_step)
 
 Each way runs in its own process (so peak RSS is its own), one after the other on the same thread count;
@@ -84,7 +85,7 @@ def run_way(way: str, workdir: Path, steps: int, batch: int) -> dict:
     from ds_distill.dispatch import check_recipe
 
     checked = check_recipe(recipe_from_mapping(recipe(workdir, batch), "<bench>"))
-    method_cls, cfg, t = checked.method_cls, checked.method_config, checked.recipe.training
+    t = checked.recipe.training
     times = []
 
     if way == "ds":
@@ -102,35 +103,17 @@ def run_way(way: str, workdir: Path, steps: int, batch: int) -> dict:
         params = sum(p.ds_numel for p in rt.bundle["student"].module.parameters())
         return {"way": way, "times": times[2:], "peak_rss_mb": peak_rss_mb(), "params": params}
 
-    # plain and bare share the batch preparation and the loss: the same math as the finetune method.
+    # plain and bare: the same flow-matching math written out by hand (no ds_distill code in the step).
     from diffusers import WanTransformer3DModel
 
-    from ds_distill.adapters.wan import WanAdapter
-    from ds_distill.methods.fine_tuning.finetune import FinetuneMethod
-    from ds_distill.models.components import read_components
-    from ds_distill.roles import RoleHandle
     from ds_distill.utils.dataloader import ParquetDataset, TrainLoader
 
-    comps = read_components(workdir / "model")
-    adapter = WanAdapter(comps, checked.recipe.pipeline_config, t, torch.device("cpu"))
     loader = TrainLoader(ParquetDataset(t.data_path, t.text_len, True), batch, 0, 1, t.seed)
     batches = [next(loader) for _ in range(steps + 2)]
     model = WanTransformer3DModel.from_pretrained(workdir / "model" / "transformer").float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=tuple(t.betas), eps=t.adam_eps,
                             weight_decay=t.weight_decay, fused=True)
-    if way == "plain":
-        handle = RoleHandle("student", model, trainable=True)
-        method = FinetuneMethod.__new__(FinetuneMethod)
-        method.bundle, method.adapter, method.config, method.seed = {"student": handle}, adapter, cfg, t.seed
-        for b in batches:
-            start = time.perf_counter()
-            loss = method.loss(b)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - start)
-    else:
+    if way == "bare":
         import deepspeed
 
         from ds_distill.engines import init_distributed, load_template, train_ds_config
@@ -139,15 +122,27 @@ def run_way(way: str, workdir: Path, steps: int, batch: int) -> dict:
         ds_cfg = train_ds_config(load_template(t.ds_config, "<bench>", "ds_config"), micro_batch=batch,
                                  grad_accum=1, world_size=1, precision="fp32", max_grad_norm=t.max_grad_norm)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
-        handle = RoleHandle("student", engine.module, trainable=True, engine=engine)
-        method = FinetuneMethod.__new__(FinetuneMethod)
-        method.bundle, method.adapter, method.config, method.seed = {"student": handle}, adapter, cfg, t.seed
-        for b in batches:
-            start = time.perf_counter()
-            loss = method.loss(b)
+    gen = torch.Generator().manual_seed(0)
+    for b in batches:
+        start = time.perf_counter()
+        x0 = b["vae_latent"]
+        eps = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))
+        s = sigma.view(-1, 1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * eps
+        forward = engine if way == "bare" else model
+        v = forward(hidden_states=x_t, timestep=sigma * 1000, encoder_hidden_states=b["text_embedding"],
+                    return_dict=False)[0]
+        loss = torch.nn.functional.mse_loss(v.float(), eps - x0)
+        if way == "bare":
             engine.backward(loss)
             engine.step()
-            times.append(time.perf_counter() - start)
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
     return {"way": way, "times": times[2:], "peak_rss_mb": peak_rss_mb(),
             "params": sum(p.numel() for p in model.parameters())}
 

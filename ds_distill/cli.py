@@ -6,6 +6,7 @@ import sys
 
 # command -> (module with `main(argv) -> int`, one-line help)
 COMMANDS = {
+    "demo": ("ds_distill.demo", "the whole pipeline on the embedded tiny Wan + toy data (CPU, minutes)"),
     "train": ("ds_distill.train", "train from a recipe (same as python -m ds_distill.train)"),
     "make-tiny-wan": ("ds_distill.models.tiny", "write a tiny random Wan2.1 T2V directory (offline)"),
     "make-toy-data": ("ds_distill.utils.toy_data", "write a toy parquet dataset with a known distribution"),

@@ -228,6 +228,18 @@ class Strategy:
         return deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False)
 
     @staticmethod
+    def mark_leaf_modules(module: torch.nn.Module, class_names: Iterable[str]) -> int:
+        """Make ZeRO-3 gather each such submodule's parameters in one go (one hook pair per block instead
+        of one per linear layer). Call before the engine is built; returns how many modules were marked."""
+        from deepspeed.utils import set_z3_leaf_module
+
+        names = set(class_names)
+        marked = [m for m in module.modules() if type(m).__name__ in names]
+        for m in marked:
+            set_z3_leaf_module(m, True)
+        return len(marked)
+
+    @staticmethod
     def param_dtype(ds_config: dict) -> torch.dtype:
         """The dtype DeepSpeed keeps module parameters in for this config."""
         if ds_config.get("bf16", {}).get("enabled"):

@@ -1,7 +1,7 @@
 """`ds-distill eval-toy`: how close samples of a model are to the toy dataset's known distribution.
 
-Prints one row per (model, sampler, steps): nearest-mode MSE (data itself scores spread^2), mode coverage and
-balance (see `utils.toy_data.score_samples`). Models are Diffusers directories (e.g. an export) or a checkpoint
+Prints one row per (model, sampler, steps): distance to the nearest mode in the caption's plane, mean radius,
+mode coverage and balance, and the off-plane RMS (see `utils.toy_data.score_samples`). Models are Diffusers directories (e.g. an export) or a checkpoint
 role folder (`checkpoint-N/student`, read with DeepSpeed's zero_to_fp32 and the config of --base).
 """
 from __future__ import annotations
@@ -73,9 +73,9 @@ def _ema_state(role_dir: Path, model) -> dict:
 def toy_conditions(data_dir: Path, text_len: int) -> tuple[list[str], torch.Tensor]:
     """The caption of each mode group and its training text embedding [K, L, D] (padded like the loader)."""
     from ds_distill.utils.dataloader import ParquetDataset
-    from ds_distill.utils.toy_data import load_mode_centers
+    from ds_distill.utils.toy_data import load_toy_distribution
 
-    _, captions = load_mode_centers(data_dir)
+    captions = load_toy_distribution(data_dir).captions
     ds = ParquetDataset(data_dir / "text_only", text_len, need_latents=False)
     found = {}
     for i in range(len(ds)):
@@ -113,10 +113,10 @@ def evaluate(specs: list[EvalSpec], data_dir: str | Path, base: str | Path | Non
              uncond: torch.Tensor | None = None) -> list[dict]:
     """Score every spec (plus the dataset itself) against the toy distribution."""
     from ds_distill.utils.dataloader import ParquetDataset
-    from ds_distill.utils.toy_data import load_mode_centers, score_samples
+    from ds_distill.utils.toy_data import load_toy_distribution, score_samples
 
     data_dir = Path(data_dir)
-    centers, _ = load_mode_centers(data_dir)
+    dist = load_toy_distribution(data_dir)
     captions, conds = toy_conditions(data_dir, text_len)
     if uncond is None:
         uncond = torch.zeros(1, *conds.shape[1:])
@@ -132,21 +132,25 @@ def evaluate(specs: list[EvalSpec], data_dir: str | Path, base: str | Path | Non
         r = ds[i]
         lat.append((r["vae_latent"] - mean) / std)
         cap.append(captions.index(r["caption"]))
-    rows.append({"label": "data", **score_samples(torch.stack(lat), torch.tensor(cap), centers)})
-    shape = tuple(centers.shape[2:])
+    rows.append({"label": "data", **score_samples(torch.stack(lat), torch.tensor(cap), dist)})
+    shape = tuple(dist.centers.shape[1:])
     models: dict[str, torch.nn.Module] = {}
     for spec in specs:
         if spec.model not in models:
             models[spec.model] = load_transformer(spec.model, base, ema=ema)
         samples, idx = sample_model(models[spec.model], spec, conds, uncond, per_caption, shape, flow_shift, seed)
-        rows.append({"label": spec.label, **score_samples(samples, idx, centers)})
+        rows.append({"label": spec.label, **score_samples(samples, idx, dist)})
     return rows
 
 
+COLUMNS = ("mode_dist", "radius", "coverage", "balance", "off_plane")
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'samples':<28} {'mode_mse':>10} {'coverage':>9} {'balance':>8}"]
+    """The rows as an aligned text table (lower mode_dist is better; radius should match the data's)."""
+    lines = [f"{'samples':<18}" + "".join(f"{c:>11}" for c in COLUMNS)]
     for r in rows:
-        lines.append(f"{r['label']:<28} {r['mode_mse']:>10.4f} {r['coverage']:>9.2f} {r['balance']:>8.2f}")
+        lines.append(f"{r['label']:<18}" + "".join(f"{r[c]:>11.3f}" for c in COLUMNS))
     return "\n".join(lines)
 
 

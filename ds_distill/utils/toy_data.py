@@ -1,16 +1,22 @@
 """`ds-distill make-toy-data OUT --model TINY_WAN`: a toy dataset whose distribution is known exactly.
 
-Each caption owns a few *modes*: smooth latent patterns. A row is one mode plus a little Gaussian noise,
-so the data distribution per caption is a known Gaussian mixture. That makes learning measurable: a
-sample's distance to the nearest mode of its caption says how sharp it is, and which modes samples land
-on says whether the model covers the distribution. Latents are stored in raw VAE space (the family
-normalises them with the VAE's latents_mean/std); text embeddings come from the model's own text encoder,
-so validation prompts encoded at run time condition exactly as the training rows do.
+Each caption k owns a smooth latent pattern c_k and a 2-D plane spanned by two orthonormal directions U_k
+(local to one latent patch).
+A row is x0 = c_k + z1 U_k1 + z2 U_k2 + a little isotropic noise, where z is drawn from a mixture of
+Gaussians on a ring (four modes). The directions have unit norm over the whole latent, so at the noise
+levels a few-step sampler ends on (sigma ~ 0.5) the modes are ambiguous: a few-step sampler of a good
+teacher averages them (its z shrinks towards the ring's centre) while a many-step sampler, or a
+distilled student, lands on them. Scores project samples onto (c_k, U_k) and compare z with the mixture.
+
+Latents are stored in raw VAE space (the family normalises them with the VAE's latents_mean/std); text
+embeddings come from the model's own text encoder, so validation prompts encoded at run time condition
+exactly as the training rows do.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +40,13 @@ class ToyDataConfig:
     """Shape and size of the toy dataset."""
 
     rows_per_caption: int = 64
-    modes_per_caption: int = 2
-    spread: float = 0.1
+    modes: int = 4
+    radius: float = 1.5
+    mode_std: float = 0.15
+    noise: float = 0.03
     num_frames: int = 5
-    height: int = 64
-    width: int = 64
+    height: int = 32
+    width: int = 32
     num_files: int = 2
     text_len: int = 16
     latent_dtype: str = "float32"
@@ -46,42 +54,72 @@ class ToyDataConfig:
     seed: int = 0
 
 
-def mode_centers(num_captions: int, modes: int, latent_shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Smooth, unit-RMS latent patterns [K, M, C, T, H, W] in normalised latent space."""
+@dataclass
+class ToyDistribution:
+    """The known distribution: centers [K, *latent], planes [K, 2, *latent] (orthonormal), mode z's [M, 2]."""
+
+    centers: torch.Tensor
+    planes: torch.Tensor
+    modes: torch.Tensor
+    mode_std: float
+    captions: list[str]
+
+    def project(self, x: torch.Tensor, caption_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z [N, 2] of normalised-latent samples in their caption's plane, and the off-plane RMS [N]."""
+        x = x.float().flatten(1)
+        c = self.centers.flatten(1)[caption_index]
+        u = self.planes.flatten(2)[caption_index]  # [N, 2, D]
+        d = x - c
+        z = torch.einsum("nkd,nd->nk", u, d)
+        rest = d - torch.einsum("nk,nkd->nd", z, u)
+        return z, rest.pow(2).mean(dim=1).sqrt()
+
+
+def toy_distribution(num_captions: int, latent_shape: tuple[int, ...], cfg: ToyDataConfig) -> ToyDistribution:
+    """Draw the (seeded) centers, planes and mode positions."""
     c, t, h, w = latent_shape
-    g = torch.Generator().manual_seed(10_000 + seed)
-    coarse = torch.randn(num_captions * modes, c * t, 2, 2, generator=g)
-    fine = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True)
-    fine = fine.reshape(num_captions, modes, c, t, h, w)
-    rms = fine.pow(2).mean(dim=(2, 3, 4, 5), keepdim=True).sqrt()
-    return fine / rms
+    g = torch.Generator().manual_seed(10_000 + cfg.seed)
+    coarse = torch.randn(num_captions, c * t, 2, 2, generator=g)
+    centers = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=True).reshape(num_captions, c, t, h, w)
+    centers = centers / centers.pow(2).mean(dim=(1, 2, 3, 4), keepdim=True).sqrt()
+    # Caption k's plane lives in one 2x2 latent patch (one transformer token) of frame 0: a local,
+    # low-amplitude structure, ambiguous under the noise a few-step sampler ends on.
+    planes = torch.zeros(num_captions, 2, c, t, h, w)
+    blocks = [(i, j) for i in range(0, h - 1, 2) for j in range(0, w - 1, 2)]
+    for k in range(num_captions):
+        q = torch.linalg.qr(torch.randn(c * 4, 2, generator=g)).Q.T  # 2 orthonormal rows over the patch
+        i, j = blocks[k % len(blocks)]
+        planes[k, :, :, 0, i : i + 2, j : j + 2] = q.reshape(2, c, 2, 2)
+    angles = torch.arange(cfg.modes) * (2 * math.pi / cfg.modes) + math.pi / 4
+    modes = cfg.radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    return ToyDistribution(centers, planes.contiguous(), modes, cfg.mode_std,
+                           list(TOY_CAPTIONS[:num_captions]))
 
 
-def score_samples(samples: torch.Tensor, caption_index: torch.Tensor, centers: torch.Tensor) -> dict:
+def score_samples(samples: torch.Tensor, caption_index: torch.Tensor, dist: ToyDistribution) -> dict:
     """How close normalised-latent samples are to the toy distribution of their captions.
 
-    - `mode_mse`: mean over samples of the squared distance (per element) to the nearest mode of the caption;
-      data itself scores spread**2.
-    - `coverage`: fraction of (caption, mode) pairs that at least one sample lands nearest to.
+    - `mode_dist`: mean distance in the caption's plane from z to the nearest mixture mode (data: ~1.25 x mode_std).
+    - `radius`: mean |z| (data: the ring radius; averaging modes shrinks it).
+    - `coverage`: fraction of (caption, mode) pairs some sample lands nearest to.
     - `balance`: 1 - total variation between the nearest-mode histogram and the uniform mixture weights.
+    - `off_plane`: RMS of what lies outside the caption's center + plane (data: the isotropic noise).
     """
-    samples = samples.float().flatten(1)
-    k, m = centers.shape[:2]
-    flat = centers.float().reshape(k, m, -1)
-    per_sample = []
+    z, off = dist.project(samples, caption_index)
+    d = torch.cdist(z, dist.modes)
+    nearest = d.argmin(dim=1)
+    k, m = dist.centers.shape[0], dist.modes.shape[0]
     hits = torch.zeros(k, m)
-    for x, ci in zip(samples, caption_index.tolist()):
-        d = (flat[ci] - x).pow(2).mean(dim=1)
-        j = int(d.argmin())
-        per_sample.append(float(d[j]))
+    for ci, j in zip(caption_index.tolist(), nearest.tolist()):
         hits[ci, j] += 1
-    counts = hits.sum(dim=1, keepdim=True).clamp_min(1)
     present = hits.sum(dim=1) > 0
-    tv = 0.5 * (hits / counts - 1.0 / m).abs().sum(dim=1)
+    frac = hits[present] / hits[present].sum(dim=1, keepdim=True)
     return {
-        "mode_mse": sum(per_sample) / max(len(per_sample), 1),
-        "coverage": float((hits > 0).float()[present].mean()) if present.any() else 0.0,
-        "balance": float(1 - tv[present].mean()) if present.any() else 0.0,
+        "mode_dist": float(d.min(dim=1).values.mean()),
+        "radius": float(z.norm(dim=1).mean()),
+        "coverage": float((hits[present] > 0).float().mean()),
+        "balance": float(1 - 0.5 * (frac - 1.0 / m).abs().sum(dim=1).mean()),
+        "off_plane": float(off.mean()),
     }
 
 
@@ -103,16 +141,18 @@ def make_toy_data(out_dir: str | Path, model_dir: str | Path, cfg: ToyDataConfig
     out, model_dir = Path(out_dir), Path(model_dir)
     mean, std, vae_cfg = _vae_stats(model_dir)
     shape = latent_shape_for(vae_cfg, cfg.num_frames, cfg.height, cfg.width)
-    centers = mode_centers(len(TOY_CAPTIONS), cfg.modes_per_caption, shape, cfg.seed)
+    dist = toy_distribution(len(TOY_CAPTIONS), shape, cfg)
     embeds = encode_prompts(model_dir, TOY_CAPTIONS, text_len=cfg.text_len)
 
     g = torch.Generator().manual_seed(cfg.seed)
     rows = []
     for i in range(cfg.rows_per_caption * len(TOY_CAPTIONS)):
         ci = i % len(TOY_CAPTIONS)
-        mode = int(torch.randint(cfg.modes_per_caption, (1,), generator=g))
-        z = centers[ci, mode] + cfg.spread * torch.randn(shape, generator=g)
-        raw = z * std.view(-1, 1, 1, 1) + mean.view(-1, 1, 1, 1)
+        mode = int(torch.randint(cfg.modes, (1,), generator=g))
+        z_ = dist.modes[mode] + cfg.mode_std * torch.randn(2, generator=g)
+        x0 = dist.centers[ci] + z_[0] * dist.planes[ci, 0] + z_[1] * dist.planes[ci, 1]
+        x0 = x0 + cfg.noise * torch.randn(shape, generator=g)
+        raw = x0 * std.view(-1, 1, 1, 1) + mean.view(-1, 1, 1, 1)
         latent = raw.to(torch_dtype(cfg.latent_dtype))
         text = embeds[ci].to(torch_dtype(cfg.text_dtype))
         rows.append(
@@ -160,21 +200,21 @@ def make_toy_data(out_dir: str | Path, model_dir: str | Path, cfg: ToyDataConfig
     }
     (out / "validation.json").write_text(json.dumps(validation, indent=2))
     save_file(
-        {"centers": centers.contiguous()},
+        {"centers": dist.centers.contiguous(), "planes": dist.planes, "modes": dist.modes.contiguous()},
         str(out / MODES_FILE),
-        metadata={"captions": json.dumps(TOY_CAPTIONS), "spread": str(cfg.spread), "text_len": str(cfg.text_len)},
+        metadata={"captions": json.dumps(dist.captions), "mode_std": str(cfg.mode_std), "text_len": str(cfg.text_len)},
     )
     return out
 
 
-def load_mode_centers(data_dir: str | Path) -> tuple[torch.Tensor, list[str]]:
-    """The toy dataset's mode centers [K, M, C, T, H, W] and the caption of each K."""
+def load_toy_distribution(data_dir: str | Path) -> ToyDistribution:
+    """The known distribution a toy dataset was drawn from."""
     from safetensors import safe_open
 
     with safe_open(str(Path(data_dir) / MODES_FILE), "pt") as f:
-        centers = f.get_tensor("centers")
-        captions = json.loads(f.metadata()["captions"])
-    return centers, captions
+        meta = f.metadata()
+        return ToyDistribution(f.get_tensor("centers"), f.get_tensor("planes"), f.get_tensor("modes"),
+                               float(meta["mode_std"]), json.loads(meta["captions"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,14 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="output directory")
     parser.add_argument("--model", required=True, help="Wan directory whose text encoder and VAE stats to use")
     parser.add_argument("--rows-per-caption", type=int, default=ToyDataConfig.rows_per_caption)
-    parser.add_argument("--modes", type=int, default=ToyDataConfig.modes_per_caption)
+    parser.add_argument("--modes", type=int, default=ToyDataConfig.modes)
     parser.add_argument("--text-len", type=int, default=ToyDataConfig.text_len)
     parser.add_argument("--latent-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     cfg = ToyDataConfig(
         rows_per_caption=args.rows_per_caption,
-        modes_per_caption=args.modes,
+        modes=args.modes,
         text_len=args.text_len,
         latent_dtype=args.latent_dtype,
         seed=args.seed,
