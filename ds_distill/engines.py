@@ -292,6 +292,33 @@ class Strategy:
         """Optimizer step (clipping, LR schedule) of one engine; always paired with its backward."""
         engine.step()
 
+    def all_finite(self, value: torch.Tensor) -> bool:
+        """True on every rank iff `value` is finite on every rank (one all-reduce)."""
+        bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0])
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bad.item() == 0.0
+
+    def grads_finite(self, engine) -> bool:
+        """After backward: whether every rank's ZeRO-3 gradient partition is finite (one pass, one all-reduce)."""
+        opt = engine.optimizer
+        if getattr(opt, "grad_partitions_flat_buffer", None) is not None:
+            return not opt.has_overflow(partition_gradients=True)
+        from deepspeed.utils import safe_get_local_grad
+
+        local = torch.zeros(1)
+        for p in engine.module.parameters():
+            g = safe_get_local_grad(p) if p.requires_grad else None
+            if g is not None and not bool(torch.isfinite(g).all()):
+                local.fill_(1.0)
+                break
+        return self.all_finite(torch.where(local > 0, torch.tensor(float("nan")), local))
+
+    @staticmethod
+    def discard_grads(engine) -> None:
+        """Drop the gradients of a backward whose step is skipped (the next backward overwrites, not adds)."""
+        engine.optimizer.zero_grad(set_to_none=True)
+
     @staticmethod
     def grad_norm(engine) -> float:
         """Global gradient norm of the last step (before clipping)."""

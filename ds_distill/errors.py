@@ -23,6 +23,12 @@ class CheckpointError(UserError):
     """A checkpoint folder that is missing, partial, or does not match the recipe."""
 
 
+class TrainingAborted(UserError):
+    """Training stopped on purpose (e.g. the non-finite policy); exit code 3, the last checkpoint is intact."""
+
+    exit_code = 3
+
+
 def exit_on_user_error(fn):
     """Decorate a CLI `main`: a UserError prints `error: <message>` on stderr and exits 2."""
 
@@ -33,6 +39,6 @@ def exit_on_user_error(fn):
         except UserError as exc:
             message = " ".join(str(exc).split("\n"))
             print(f"error: {message}", file=sys.stderr, flush=True)
-            sys.exit(USAGE_EXIT_CODE)
+            sys.exit(getattr(exc, "exit_code", USAGE_EXIT_CODE))
 
     return wrapper

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
-from ds_distill.errors import RecipeError, UserError, exit_on_user_error
+from ds_distill.errors import UserError, exit_on_user_error
 
 logger = logging.getLogger("ds_distill")
 
@@ -44,17 +43,6 @@ def setup_logging(rank: int) -> None:
     logger.setLevel(level)
 
 
-def check_output_dir(path: Path, source: str) -> None:
-    """The output folder must be creatable and writable before anything heavy starts."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RecipeError(f"{source}: training.output_dir: {path} is not writable ({exc.strerror})") from None
-
-
 def parse_args(argv):
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -69,7 +57,6 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     from ds_distill.dispatch import build_runtime, check_recipe
     from ds_distill.utils.config import dump_recipe, load_recipe
-    from ds_distill.utils.dataloader import ParquetDataset
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     recipe = load_recipe(args.config, args.overrides)
@@ -79,19 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     # Preflight: everything a user can get wrong is found before any engine is built.
-    for name, spec in recipe.roles.items():
-        from ds_distill.dispatch import get_family
+    from ds_distill import preflight
 
-        get_family(spec.family, recipe.source)().components(spec.path, recipe.source, f"roles.{name}.path")
-    if recipe.training.log_validation:
-        from ds_distill.utils.config import resolve_path
-        from ds_distill.validators.prompts import load_prompts
-
-        load_prompts(resolve_path(recipe.training.validation_dataset_file, recipe))
-    need_latents = checked.method_cls.needs_latents(checked.method_config)
-    dataset = ParquetDataset(recipe.training.data_path, recipe.training.text_len, need_latents)
+    found = preflight.run(recipe, checked, args.resume)
     output_dir = Path(recipe.training.output_dir)
-    check_output_dir(output_dir, recipe.source)
 
     from ds_distill.engines import Strategy, init_distributed
 
@@ -99,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(dist.rank)
     strategy = Strategy(dist)
     if dist.is_main:
-        (output_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        from ds_distill.utils.checkpoint import write_text_atomic
+
+        write_text_atomic(output_dir / "recipe.yaml", dump_recipe(recipe))
     runtime = build_runtime(checked, strategy)
     validator = None
     if recipe.training.log_validation:
@@ -108,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     from ds_distill.trainer import Trainer
 
-    trainer = Trainer(runtime, dataset, validator)
-    trainer.resume(args.resume)
+    trainer = Trainer(runtime, found.dataset, validator)
+    if args.resume and found.resume_path is None and dist.is_main:
+        logger.warning("--resume %s: no complete checkpoint in %s; starting from step 0", args.resume, output_dir)
+    trainer.resume(found.resume_path, found.resume_state)
     if args.dry_run:
         if dist.is_main:
             print(trainer.banner())

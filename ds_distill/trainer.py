@@ -41,6 +41,7 @@ class Trainer:
             validator.tracker = self.tracker
         self.step = 0
         self.micro_step = 0
+        self.nonfinite_streak = 0
         self.resumed_from: Path | None = None
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -60,18 +61,10 @@ class Trainer:
         lines.append(f"  output: {self.output_dir}")
         return "\n".join(lines)
 
-    def resume(self, resume: str | None) -> None:
-        """Restore engines, method state and data position from a checkpoint."""
-        if not resume:
-            return
-        path = ckpt.find_resume_checkpoint(self.output_dir, resume)
+    def resume(self, path: Path | None, state: dict | None) -> None:
+        """Restore engines, method state and data position from a checkpoint preflight has checked."""
         if path is None:
-            if self.dist.is_main:
-                logger.warning("--resume %s: no complete checkpoint in %s; starting from step 0", resume,
-                               self.output_dir)
             return
-        state = ckpt.read_state(path)
-        self.check_compatible(path, state)
         client = {}
         for role in self.rt.bundle.trainable():
             client = self.strategy.load(role.engine, path, role.name)
@@ -85,17 +78,6 @@ class Trainer:
         if self.dist.is_main:
             self.truncate_metrics(self.step)
             logger.info("resumed from %s (step %d)", path, self.step)
-
-    def check_compatible(self, path: Path, state: dict) -> None:
-        from ds_distill.errors import CheckpointError
-
-        want = sorted(r.name for r in self.rt.bundle.trainable())
-        have = sorted(state.get("roles", []))
-        if want != have:
-            raise CheckpointError(f"{path}: holds roles {have}, the recipe trains {want}")
-        if state.get("method") != self.rt.recipe.recipe.method:
-            raise CheckpointError(f"{path}: was written by method {state.get('method')!r}, "
-                                  f"the recipe runs {self.rt.recipe.recipe.method!r}")
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save(self) -> Path:
@@ -149,6 +131,7 @@ class Trainer:
             self.step += 1
             self.micro_step = loader.micro_step
             scalars = self.method.train_one_step(micro, self.step)
+            self.check_nonfinite(scalars)
             elapsed = time.perf_counter() - started
             if self.step % t.log_steps == 0 or self.step == t.max_train_steps:
                 last = self.log(scalars, elapsed, samples_per_step)
@@ -165,6 +148,28 @@ class Trainer:
             bar.close()
         self.tracker.close()
         return last
+
+    def check_nonfinite(self, scalars: dict[str, float]) -> None:
+        """Apply the recipe's non-finite policy to what the method skipped this step (same on every rank)."""
+        skipped, self.method.skipped = self.method.skipped, []
+        scalars["nonfinite/skipped"] = float(len(skipped))
+        if not skipped:
+            self.nonfinite_streak = 0
+            return
+        self.nonfinite_streak += 1
+        if self.dist.is_main:
+            logger.warning("step %d: non-finite %s; that update was skipped (weights unchanged)", self.step,
+                           ", ".join(skipped))
+        t = self.t
+        if t.nonfinite_policy == "abort" and self.nonfinite_streak >= t.nonfinite_patience:
+            from ds_distill.errors import TrainingAborted
+
+            last = ckpt.list_checkpoints(self.output_dir)
+            where = f"; last checkpoint: {last[-1][1]}" if last else ""
+            raise TrainingAborted(
+                f"training.nonfinite_policy: abort: {self.nonfinite_streak} steps in a row with a non-finite "
+                f"{', '.join(skipped)} (up to step {self.step}){where}; lower the learning rate or use "
+                f"nonfinite_policy: skip")
 
     def log(self, scalars: dict[str, float], elapsed: float, samples: int) -> dict[str, float]:
         """Average the method's scalars over ranks and add lr / grad norm of roles that stepped."""

@@ -8,6 +8,7 @@ import torch
 from ds_distill.adapters.base import DiffusionAdapter
 from ds_distill.engines import OptimizerSpec
 from ds_distill.roles import RoleBundle, RoleHandle
+from ds_distill.utils import faults
 from ds_distill.validators.base import ValidationRequest
 
 
@@ -42,6 +43,8 @@ class DistillMethod:
         self.training = training
         self.pipeline_config = pipeline_config
         self.seed = training.seed
+        self.skipped: list[str] = []
+        """What the current step skipped as non-finite (the trainer reads and clears it)."""
 
     # -- what the builder asks before anything is loaded ------------------------------------------
     @classmethod
@@ -84,9 +87,21 @@ class DistillMethod:
     def load_extra_checkpoint_files(self, role_dir_of) -> None:
         """Read what `extra_checkpoint_files` wrote."""
 
-    def optimizer_step(self, role: RoleHandle) -> None:
-        """Step a role's optimizer (always after its backward)."""
+    def update(self, role: RoleHandle, loss: torch.Tensor, step: int) -> bool:
+        """Backward and optimizer step of one role -- or neither, on every rank, when the loss or the gradient
+        is non-finite on any rank (weights and optimizer state never see a non-finite update)."""
+        if faults.armed("nan_loss", step):
+            loss = loss * float("nan")
+        if not self.strategy.all_finite(loss.detach()):
+            self.skipped.append(f"{role.name} loss")
+            return False
+        self.adapter.backward(role, loss)
+        if not self.strategy.grads_finite(role.engine):
+            self.strategy.discard_grads(role.engine)
+            self.skipped.append(f"{role.name} gradient")
+            return False
         self.strategy.step(role.engine)
+        return True
 
     @staticmethod
     def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -121,6 +121,11 @@ class TrainingConfig:
     """Activation checkpointing of transformer blocks for trainable roles."""
     fused_optimizer: bool = True
     """Use torch's fused AdamW kernel (one pass over the flat ZeRO partition)."""
+    nonfinite_policy: Literal["skip", "abort"] = "abort"
+    """A non-finite loss or gradient skips that role's step on every rank; `abort` also stops the run after
+    `nonfinite_patience` such steps in a row (`skip` only warns)."""
+    nonfinite_patience: int = 3
+    """Consecutive non-finite steps that `abort` tolerates."""
     checkpointing_steps: int = 500
     """Save a checkpoint every N steps (0: only at the end)."""
     checkpoints_total_limit: int = 3

@@ -205,14 +205,11 @@ class DMD2Method(DistillMethod):
         out = {}
         if self.updates_student(step):
             loss = self.generator_loss(b, step)
-            self.adapter.backward(self.student, loss)
-            self.optimizer_step(self.student)
-            if self.ema is not None:
+            if self.update(self.student, loss, step) and self.ema is not None:
                 self.ema.update(step, self.config.ema_start_step)
             out["student/loss"] = float(loss.detach())
         loss = self.critic_loss(b, step)
-        self.adapter.backward(self.critic, loss)
-        self.optimizer_step(self.critic)
+        self.update(self.critic, loss, step)
         out["critic/loss"] = float(loss.detach())
         return out
 

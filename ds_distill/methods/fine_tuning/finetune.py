@@ -85,8 +85,7 @@ class FinetuneMethod(DistillMethod):
         losses = []
         for raw in micro_batches:
             loss = self.loss(raw)
-            self.adapter.backward(student, loss)
-            self.optimizer_step(student)
+            self.update(student, loss, step)
             losses.append(loss.detach())
         return {"student/loss": float(torch.stack(losses).mean())}
 
