@@ -12,6 +12,7 @@ COMMANDS = {
     "make-toy-data": ("ds_distill.utils.toy_data", "write a toy parquet dataset with a known distribution"),
     "sample": ("ds_distill.sample", "generate mp4 videos from a Wan directory (ODE or SDE sampler)"),
     "eval-toy": ("ds_distill.evaluate", "score samples against the toy dataset's known distribution"),
+    "launch": ("ds_distill.launch", "check a hostfile + recipe, then run deepspeed --hostfile ... ds_distill.train"),
     "convert": ("ds_distill.export", "ZeRO-3 checkpoint -> Diffusers safetensors directory (streamed)"),
     "preprocess": ("ds_distill.preprocess", "videos + captions JSON -> training parquet (resumable)"),
     "report": ("ds_distill.report", "environment and op report (ds_report plus our ops)"),
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r}\n{usage()}", file=sys.stderr, end="")
+        print(f"error: unknown command {command!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)

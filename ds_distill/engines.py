@@ -315,6 +315,11 @@ class Strategy:
         return self.all_finite(torch.where(local > 0, torch.tensor(float("nan")), local))
 
     @staticmethod
+    def corrupt_grads(engine) -> None:
+        """Crash-test hook (DS_DISTILL_FAULT=nan_grad@N): poison this rank's gradient partition."""
+        engine.optimizer.grad_partitions_flat_buffer[0] = float("nan")
+
+    @staticmethod
     def discard_grads(engine) -> None:
         """Drop the gradients of a backward whose step is skipped (the next backward overwrites, not adds)."""
         engine.optimizer.zero_grad(set_to_none=True)

@@ -133,6 +133,8 @@ def run(recipe, checked, resume: str | None) -> Preflight:
         default = t.ds_config if spec.trainable else t.ds_config_inference
         load_template(spec.ds_config or default, src, f"roles.{name}.ds_config" if spec.ds_config else
                       ("training.ds_config" if spec.trainable else "training.ds_config_inference"))
+    main_role = "student" if "student" in components else next(iter(components))
+    get_family(recipe.recipe.family, src)().check_unconditional(components[main_role], t, src)
     need_latents = checked.method_cls.needs_latents(checked.method_config)
     dataset = ParquetDataset(t.data_path, t.text_len, need_latents)
     check_data_fits_model(dataset, components, recipe, need_latents)

@@ -99,6 +99,9 @@ class Trainer:
                      "method": self.rt.recipe.recipe.method, "family": self.rt.recipe.recipe.family}
             final = ckpt.commit_save(self.output_dir, self.step, state, self.t.checkpoints_total_limit,
                                      protect=self.resumed_from)
+        # The checkpoint we resumed from is kept through the first save after it; from then on a newer
+        # complete checkpoint exists and ordinary rotation applies.
+        self.resumed_from = None
         self.strategy.barrier()
         return final
 

@@ -96,6 +96,8 @@ class DistillMethod:
             self.skipped.append(f"{role.name} loss")
             return False
         self.adapter.backward(role, loss)
+        if faults.armed("nan_grad", step):
+            self.strategy.corrupt_grads(role.engine)
         if not self.strategy.grads_finite(role.engine):
             self.strategy.discard_grads(role.engine)
             self.skipped.append(f"{role.name} gradient")

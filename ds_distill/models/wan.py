@@ -102,37 +102,51 @@ class WanFamily:
 
         return WanValidator(comps, recipe, strategy, tracker)
 
+    def check_unconditional(self, comps: ModelComponents, training, source: str) -> None:
+        """Preflight: the unconditional condition the recipe asks for can be made (no encoder is loaded)."""
+        from ds_distill.errors import RecipeError
+
+        if training.uncond_embedding == "zeros":
+            return
+        if training.negative_prompt_embedding:
+            self._embedding_file(comps, training, source)
+        elif not (comps.path / "text_encoder").is_dir():
+            raise RecipeError(
+                f"{source}: training.negative_prompt: {comps.path} has no text_encoder/ to encode it; set "
+                "training.negative_prompt_embedding to a precomputed file or training.uncond_embedding: zeros"
+            )
+
+    @staticmethod
+    def _embedding_file(comps: ModelComponents, training, source: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from ds_distill.errors import RecipeError
+
+        dim = comps.transformer_config.get("text_dim", 4096)
+        path = Path(training.negative_prompt_embedding)
+        key = "training.negative_prompt_embedding"
+        if not path.is_file():
+            raise RecipeError(f"{source}: {key}: file {path} not found")
+        try:
+            emb = load_file(str(path))["embedding"]
+        except (SafetensorError, KeyError, OSError) as exc:
+            raise RecipeError(f"{source}: {key}: {path} must be a .safetensors file with an `embedding` "
+                              f"tensor [L, D] ({type(exc).__name__})") from None
+        if emb.dim() != 2 or emb.shape[1] != dim:
+            raise RecipeError(f"{source}: {key}: expected [L, {dim}], got {list(emb.shape)}")
+        return emb.float()
+
     def unconditional_embedding(self, comps: ModelComponents, training, strategy, source: str) -> torch.Tensor:
         """The unconditional text condition [L, D]: zeros, a precomputed file, or the encoded negative prompt.
 
         The text encoder (UMT5-XXL for real Wan) is loaded on rank 0 only, used once, and freed.
         """
-        from ds_distill.errors import RecipeError
-
-        dim = comps.transformer_config.get("text_dim", 4096)
+        self.check_unconditional(comps, training, source)
         if training.uncond_embedding == "zeros":
-            return torch.zeros(training.text_len, dim)
+            return torch.zeros(training.text_len, comps.transformer_config.get("text_dim", 4096))
         if training.negative_prompt_embedding:
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            path = Path(training.negative_prompt_embedding)
-            key = "training.negative_prompt_embedding"
-            try:
-                emb = load_file(str(path))["embedding"]
-            except FileNotFoundError:
-                raise RecipeError(f"{source}: {key}: file {path} not found") from None
-            except (SafetensorError, KeyError, OSError) as exc:
-                raise RecipeError(f"{source}: {key}: {path} must be a .safetensors file with an `embedding` "
-                                  f"tensor [L, D] ({type(exc).__name__})") from None
-            if emb.dim() != 2 or emb.shape[1] != dim:
-                raise RecipeError(f"{source}: {key}: expected [L, {dim}], got {list(emb.shape)}")
-            return emb.float()
-        if not (comps.path / "text_encoder").is_dir():
-            raise RecipeError(
-                f"{source}: training.negative_prompt: {comps.path} has no text_encoder/ to encode it; set "
-                "training.negative_prompt_embedding to a precomputed file or training.uncond_embedding: zeros"
-            )
+            return self._embedding_file(comps, training, source)
         emb = None
         if strategy.dist.is_main:
             emb = PromptEncoder(comps.path)([training.negative_prompt], training.text_len)[0]

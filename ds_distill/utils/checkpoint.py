@@ -150,6 +150,7 @@ def commit_save(output_dir: Path, step: int, state: dict, keep_last: int, protec
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
+    abandon_newer(output_dir, step)
     _fsync_dir(output_dir)
     from ds_distill.utils import faults
 
@@ -157,6 +158,20 @@ def commit_save(output_dir: Path, step: int, state: dict, keep_last: int, protec
     write_text_atomic(output_dir / LATEST_FILE, final.name)
     rotate(output_dir, keep_last, protect={final} | ({Path(protect)} if protect else set()))
     return final
+
+
+def abandon_newer(output_dir: Path, step: int) -> None:
+    """Checkpoints newer than the one just written belong to a run that was rolled back (--resume of an older
+    checkpoint): rename them out of the way so `--resume latest` can never pick them, but keep the files."""
+    for s, path in list_checkpoints(output_dir):
+        if s > step:
+            target = output_dir / f"abandoned-{path.name}"
+            n = 1
+            while target.exists():
+                target, n = output_dir / f"abandoned-{path.name}.{n}", n + 1
+            os.rename(path, target)
+            logger.warning("%s is newer than the checkpoint just written (step %d): renamed to %s", path, step,
+                           target.name)
 
 
 def rotate(output_dir: Path, keep_last: int, protect: set[Path]) -> None:

@@ -1,7 +1,7 @@
 """Fault injection for crash tests: `DS_DISTILL_FAULT=<point>@<step>[,<point>@<step>...]` makes every rank
 SIGKILL itself when it reaches that point at that step. Points: `after_step`, `mid_save` (partitions
 written, folder not sealed), `before_latest` (folder renamed, `latest` not yet updated), `nan_loss`
-(the method's loss turns NaN, for the non-finite guards). Unset in normal runs: one dict lookup per call.
+/ `nan_grad` (a role's loss or gradient turns NaN at that step, for the non-finite guards). Unset in normal runs: one dict lookup per call.
 """
 from __future__ import annotations
 
