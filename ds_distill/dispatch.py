@@ -125,7 +125,8 @@ class Runtime:
     ds_configs: dict
 
 
-def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True) -> Runtime:
+def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
+                  load_universal: bool = False) -> Runtime:
     """Load every role (partitioned at creation), wrap each in its DeepSpeed engine, build adapter and method."""
     from ds_distill.engines import eval_ds_config, load_template, train_ds_config
     from ds_distill.roles import RoleBundle, RoleHandle
@@ -148,6 +149,8 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True) 
                 precision=t.mixed_precision,
                 max_grad_norm=checked.method_cls.optimizer_spec(name, checked.method_config, t).max_grad_norm,
             )
+            if load_universal:  # resuming a checkpoint written with another number of ranks
+                cfg.setdefault("checkpoint", {})["load_universal"] = True
         else:
             template = load_template(spec.ds_config or t.ds_config_inference, src, f"roles.{name}.ds_config")
             cfg = eval_ds_config(

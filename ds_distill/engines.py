@@ -379,6 +379,24 @@ class Strategy:
             raise CheckpointError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
         return client_state or {}
 
+    def to_universal(self, src: Path, dst: Path) -> None:
+        """Collective: rank 0 turns a ZeRO-3 role folder into DeepSpeed's universal (rank-count-free) format
+        under `dst` (written aside, then renamed); every rank waits for it."""
+        if self.dist.is_main and not dst.is_dir():
+            import argparse
+            import shutil
+
+            from deepspeed.checkpoint import ds_to_universal
+
+            tmp = dst.parent / f".tmp-{dst.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            ds_to_universal.main(argparse.Namespace(
+                input_folder=str(src), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+                keep_temp_folder=False, strict=True, inject_missing_state=False))
+            os.rename(tmp, dst)
+        self.barrier()
+
     def close(self) -> None:
         """Leave the process group cleanly."""
         if torch.distributed.is_initialized():

@@ -45,29 +45,17 @@ def load_transformer(path: str | Path, base: str | Path | None = None, ema: bool
         config = WanTransformer3DModel.load_config(Path(base) / "transformer")
         model = WanTransformer3DModel.from_config(config).float()
         if ema:
-            state = _ema_state(p, model)
+            from ds_distill.methods.distribution_matching.ema import whole_tensors
+
+            files = sorted((p / "ema").glob("rank-*.safetensors"))
+            if not files:
+                raise UserError(f"{p}: no EMA partitions (ema/rank-*.safetensors)")
+            state = whole_tensors(files)
         else:
             state = get_fp32_state_dict_from_zero_checkpoint(str(p.parent), tag=p.name)
         model.load_state_dict(state)
         return model.eval()
     raise UserError(f"{p}: not a Diffusers model directory or a checkpoint role folder")
-
-
-def _ema_state(role_dir: Path, model) -> dict:
-    """Reassemble EMA partitions (each rank's flat slice of every parameter)."""
-    from safetensors import safe_open
-
-    files = sorted((role_dir / "ema").glob("rank-*.safetensors"))
-    if not files:
-        raise UserError(f"{role_dir}: no EMA partitions (ema/rank-*.safetensors)")
-    handles = [safe_open(str(f), "pt") for f in files]
-    shapes = json.loads(handles[0].metadata()["shapes"])
-    out = {}
-    for name, shape in shapes.items():
-        flat = torch.cat([h.get_tensor(name).flatten() for h in handles])
-        n = int(torch.tensor(shape).prod()) if shape else 1
-        out[name] = flat[:n].reshape(shape).float()
-    return out
 
 
 def toy_conditions(data_dir: Path, text_len: int) -> tuple[list[str], torch.Tensor]:

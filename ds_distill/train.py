@@ -80,7 +80,21 @@ def main(argv: list[str] | None = None) -> int:
         from ds_distill.utils.checkpoint import write_text_atomic
 
         write_text_atomic(output_dir / "recipe.yaml", dump_recipe(recipe))
-    runtime = build_runtime(checked, strategy)
+    load_dir = found.resume_path
+    universal = bool(found.resume_state) and int(found.resume_state.get("world_size", dist.world_size)) != \
+        dist.world_size
+    if universal:
+        # Written by another number of ranks: go through DeepSpeed's universal checkpoint (converted once, kept
+        # beside the original, which stays untouched).
+        old = int(found.resume_state["world_size"])
+        load_dir = output_dir / f".universal-{found.resume_path.name}-from-{old}-ranks"
+        if dist.is_main:
+            logger.info("%s was written by %d ranks, this run has %d: converting to a universal checkpoint in %s",
+                        found.resume_path, old, dist.world_size, load_dir)
+        for name, spec in recipe.roles.items():
+            if spec.trainable:
+                strategy.to_universal(found.resume_path / name, load_dir / name)
+    runtime = build_runtime(checked, strategy, load_universal=universal)
     validator = None
     if recipe.training.log_validation:
         validator = runtime.family.build_validator(
@@ -91,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(runtime, found.dataset, validator)
     if args.resume and found.resume_path is None and dist.is_main:
         logger.warning("--resume %s: no complete checkpoint in %s; starting from step 0", args.resume, output_dir)
-    trainer.resume(found.resume_path, found.resume_state)
+    trainer.resume(found.resume_path, found.resume_state, load_dir)
     if args.dry_run:
         if dist.is_main:
             print(trainer.banner())

@@ -42,6 +42,7 @@ class Trainer:
         self.step = 0
         self.micro_step = 0
         self.nonfinite_streak = 0
+        self.global_micro_batch = self.t.train_batch_size * self.dist.world_size
         self.resumed_from: Path | None = None
 
     # -- start-up ---------------------------------------------------------------------------------
@@ -61,17 +62,25 @@ class Trainer:
         lines.append(f"  output: {self.output_dir}")
         return "\n".join(lines)
 
-    def resume(self, path: Path | None, state: dict | None) -> None:
-        """Restore engines, method state and data position from a checkpoint preflight has checked."""
+    def resume(self, path: Path | None, state: dict | None, load_dir: Path | None = None) -> None:
+        """Restore engines, method state and data position from a checkpoint preflight has checked.
+        `load_dir` holds the engines' files when they were converted (universal checkpoint, other rank count)."""
         if path is None:
             return
         client = {}
         for role in self.rt.bundle.trainable():
-            client = self.strategy.load(role.engine, path, role.name)
+            client = self.strategy.load(role.engine, load_dir or path, role.name)
         self.method.load_state_dict(client.get("method", {}))
         self.method.load_extra_checkpoint_files(lambda r: path / r)
         self.step = int(state["step"])
-        self.micro_step = int(state["micro_step"])
+        # The data position counts global micro-batches; carry it over in samples when the global batch changed.
+        old_global = int(state.get("global_micro_batch", self.global_micro_batch))
+        consumed = int(state["micro_step"]) * old_global
+        self.micro_step = consumed // self.global_micro_batch
+        if consumed % self.global_micro_batch and self.dist.is_main:
+            logger.warning("the global batch changed from %d to %d: resuming at sample %d of the data order "
+                           "(not a whole batch)", old_global, self.global_micro_batch, self.micro_step *
+                           self.global_micro_batch)
         if "torch_rng" in client:
             torch.set_rng_state(client["torch_rng"])
         self.resumed_from = path
@@ -95,6 +104,7 @@ class Trainer:
         final = ckpt.checkpoint_dir(self.output_dir, self.step)
         if self.dist.is_main:
             state = {"step": self.step, "micro_step": self.micro_step, "world_size": self.dist.world_size,
+                     "global_micro_batch": self.global_micro_batch,
                      "roles": [r.name for r in self.rt.bundle.trainable()],
                      "method": self.rt.recipe.recipe.method, "family": self.rt.recipe.recipe.family}
             final = ckpt.commit_save(self.output_dir, self.step, state, self.t.checkpoints_total_limit,

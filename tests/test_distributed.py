@@ -117,3 +117,39 @@ def test_dmd2_two_ranks_match_one_rank(tiny_wan, toy_data, tmp_path):
         for k in ("critic/loss", "student/loss"):
             if k in a:
                 assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-7), (a["step"], k)
+
+
+def test_resume_two_ranks_on_one_rank(tiny_wan, toy_data, tmp_path):
+    """A 2-rank DMD2 checkpoint (with EMA) resumes on 1 rank through DeepSpeed's universal checkpoint: same
+    global batch, so the losses continue as the 2-rank run's own continuation does."""
+    from conftest import dmd2_recipe
+
+    def recipe(name, nproc, steps):
+        out = tmp_path / name
+        r = dmd2_recipe(tiny_wan, toy_data, out, max_train_steps=steps, train_batch_size=2 // nproc,
+                        data_path=str(toy_data / "text_only"), checkpointing_steps=4, dataloader_num_workers=0,
+                        method={"ema_decay": 0.9})
+        return write_recipe(tmp_path / f"{name}-{nproc}-{steps}.yaml", r), out
+
+    path, ref = recipe("two", 2, 8)
+    res = run_cli(deepspeed_cmd(2, path), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    path4, out = recipe("moved", 2, 4)
+    res = run_cli(deepspeed_cmd(2, path4), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    path8, _ = recipe("moved", 1, 8)
+    res = run_cli(train_cmd(path8, "--resume", "latest"), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "written by 2 ranks, this run has 1: converting to a universal checkpoint" in res.stderr
+    a, b = read_metrics(ref), read_metrics(out)
+    assert [m["step"] for m in b] == list(range(1, 9))
+    for x, y in zip(a, b):
+        for k in ("critic/loss", "student/loss"):
+            if k in x:
+                assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
+    from ds_distill.methods.distribution_matching.ema import whole_tensors
+
+    ema_a = whole_tensors(sorted((ref / "checkpoint-8" / "student" / "ema").glob("*.safetensors")))
+    ema_b = whole_tensors(sorted((out / "checkpoint-8" / "student" / "ema").glob("*.safetensors")))
+    for k in ema_a:
+        torch.testing.assert_close(ema_a[k], ema_b[k], rtol=1e-4, atol=1e-6)

@@ -64,14 +64,46 @@ class PartitionedEMA:
                   metadata={"shapes": json.dumps(shapes), "decay": str(self.decay)})
 
     def load(self, role_dir: Path) -> None:
+        """This rank's partitions; from a checkpoint of another rank count, re-sliced from the whole tensors."""
         from safetensors.torch import load_file
 
         from ds_distill.errors import CheckpointError
 
         path = self.file_for(role_dir)
-        if not path.is_file():
-            raise CheckpointError(f"{path.parent}: no EMA partition for this rank count ({path.name}); "
-                                  "resume with the world size it was saved with, or set method_config.ema_decay: 0")
-        loaded = load_file(str(path))
-        for n in self.names:
-            self.shadow[n].copy_(loaded[n])
+        if path.is_file():
+            loaded = load_file(str(path))
+            for n in self.names:
+                self.shadow[n].copy_(loaded[n])
+            return
+        files = sorted((Path(role_dir) / "ema").glob("rank-*-of-*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{Path(role_dir)}: no EMA partitions (ema/rank-*.safetensors); set "
+                                  "method_config.ema_decay: 0 or resume a checkpoint written with EMA on")
+        full = whole_tensors(files)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        for n, p in self.module.named_parameters():
+            local = self.shadow[n]
+            flat = full[n].flatten()
+            lo = rank * local.numel()
+            part = torch.zeros_like(local)
+            take = flat[lo : lo + local.numel()]
+            part[: take.numel()] = take
+            local.copy_(part)
+
+
+def whole_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Reassemble whole EMA tensors from every rank's flat partition files (rank order), trimmed and reshaped."""
+    import json
+
+    from safetensors import safe_open
+
+    handles = [safe_open(str(f), "pt") for f in sorted(files)]
+    shapes = json.loads(handles[0].metadata()["shapes"])
+    out = {}
+    for name, shape in shapes.items():
+        flat = torch.cat([h.get_tensor(name).flatten() for h in handles])
+        n = 1
+        for d in shape:
+            n *= d
+        out[name] = flat[:n].reshape(shape).float()
+    return out
