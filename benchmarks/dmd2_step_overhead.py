@@ -13,19 +13,14 @@ process. Prints median iteration time, ds/bare and bare/plain ratios, and peak R
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.step_overhead import TEXT, make_inputs, median, peak_rss_mb  # noqa: E402
+from benchmarks.step_overhead import TEXT, peak_rss_mb, print_ways, three_ways  # noqa: E402
 
 STEPS_RAW = [1000, 750, 500, 250]
 SHIFT = 3.0
@@ -156,41 +151,12 @@ def run_way(way: str, workdir: Path, steps: int, batch: int) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--_way", help=argparse.SUPPRESS)
-    p.add_argument("--_workdir", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args._way:
-        import torch
-
-        torch.set_num_threads(args.threads)
-        print("RESULT " + json.dumps(run_way(args._way, Path(args._workdir), args.steps, args.batch)))
-        return 0
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), DS_DISTILL_NO_TQDM="1")
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        make_inputs(Path(tmp))
-        for way in ("plain", "bare", "ds"):
-            out = subprocess.run([sys.executable, __file__, "--_way", way, "--_workdir", tmp, "--steps",
-                                  str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)],
-                                 env=env, capture_output=True, text=True)
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                print(out.stdout[-2000:], out.stderr[-4000:])
-                return 1
-            results[way] = json.loads(line[0][7:])
+    args, results = three_ways(__file__, run_way, steps=6, batch=1)
     print(f"one DMD2 iteration (student + critic update, teacher CFG w={W}), three 23.6M-param Wan transformers, "
-          f"batch {args.batch}, {args.threads} thread(s), median of {args.steps} after 2 warm-up")
-    names = {"plain": "plain PyTorch", "bare": "bare DeepSpeed engines (ZeRO-3)", "ds": "ds_distill dmd2"}
-    for way, r in results.items():
-        print(f"  {names[way]:<32} {median(r['times']) * 1e3:8.1f} ms/iter   peak RSS {r['peak_rss_mb']:7.0f} MB")
-    m = {w: median(r["times"]) for w, r in results.items()}
-    print(f"  ds_distill / bare DeepSpeed : {m['ds'] / m['bare']:.3f}x  (target <= 1.05x)")
-    print(f"  bare DeepSpeed / plain      : {m['bare'] / m['plain']:.3f}x")
-    print(f"  ds_distill / plain          : {m['ds'] / m['plain']:.3f}x")
+          f"batch {args.batch}, {args.threads} thread(s), best of {args.rounds} rounds of the median of "
+          f"{args.steps} after 2 warm-up")
+    print_ways(results, {"plain": "plain PyTorch", "bare": "bare DeepSpeed engines (ZeRO-3)",
+                         "ds": "ds_distill dmd2"}, "iter")
     return 0
 
 

@@ -119,7 +119,9 @@ def dmd2_recipe(teacher: Path, data_dir: Path, out: Path, method: dict | None = 
 
 def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
     """Run a command line; returns CompletedProcess with text output."""
-    full_env = dict(os.environ)
+    # The in-process one-rank group (dist_env) put its rendezvous in os.environ; a child must make its own.
+    launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    full_env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
     full_env.setdefault("OMP_NUM_THREADS", "1")
     full_env.update(env or {})
     return subprocess.run(args, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout)

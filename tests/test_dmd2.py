@@ -105,7 +105,7 @@ def test_generator_gradient_matches_independent_computation(runtime, tiny_wan):
     ref_loss.backward()
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-5)
     for n, p in student.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
     assert any(float(v.abs().max()) > 0 for v in got.values())
 
 
@@ -131,7 +131,7 @@ def test_critic_loss_matches_independent_computation(runtime, tiny_wan):
     ref.backward()
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
     for n, p in critic.named_parameters():
-        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_roles_step_on_schedule_and_teacher_never_changes(runtime):

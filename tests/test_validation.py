@@ -51,7 +51,7 @@ def test_json_prompts(toy_data):
     prompts = load_prompts(toy_data / "validation.json")
     assert [p.caption for p in prompts][:2] == ["a red ball bouncing on the floor", "a blue cube spinning in space"]
     assert (prompts[0].height, prompts[0].width, prompts[0].num_frames, prompts[0].num_inference_steps) == \
-        (64, 64, 5, 50)
+        (32, 32, 5, 50)
     assert all(p.embedding is None for p in prompts)
 
 
@@ -63,7 +63,7 @@ def test_parquet_prompts_carry_embeddings(toy_data):
     padded = pad_embedding(prompts[0].embedding, 16)
     assert padded.shape == (16, 32)
     latents = load_prompts(toy_data / "latents")  # a folder of T2V parquet files also works
-    assert latents[0].height == 64 and latents[0].num_frames == 5
+    assert latents[0].height == 32 and latents[0].num_frames == 5
     assert slugify("A red ball -- bouncing!") == "a-red-ball-bouncing" and slugify("???") == "prompt"
 
 
@@ -149,6 +149,7 @@ def build_finetune(tiny_wan, toy_data, tmp_path, strategy, **training):
     from ds_distill.dispatch import build_runtime, check_recipe
     from ds_distill.utils.config import load_recipe
 
+    training = {"height": 64, "width": 64, **training}  # prompts without a size take the recipe's
     recipe = finetune_recipe(tiny_wan, toy_data, tmp_path / "run", log_validation=True, **training)
     checked = check_recipe(load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe)))
     runtime = build_runtime(checked, strategy)
@@ -215,7 +216,7 @@ def test_dmd2_validation_on_two_ranks_matches_the_sample_cli(tiny_wan, toy_data,
     prompts = write_prompts(tmp_path / "prompts.json", PROMPTS)
     recipe = dmd2_recipe(tiny_wan, toy_data, out, method={"ema_decay": 0.9, "dmd_denoising_steps": [1000, 500]},
                          max_train_steps=1, train_batch_size=1, log_validation=True, validation_steps=1,
-                         validation_dataset_file=str(prompts))
+                         validation_dataset_file=str(prompts), height=64, width=64)
     proc = run_cli(deepspeed_cmd(2, write_recipe(tmp_path / "recipe.yaml", recipe)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for step in (0, 1):
