@@ -1,6 +1,7 @@
-"""Fused noise injection on the CPU: eager composition vs stock torch vs our kernel vs the bandwidth ceiling.
+"""Fused noise injection: eager composition vs stock torch vs our kernel vs the bandwidth ceiling.
 
-For each dtype, on tensors far larger than the CPU caches, times (median of --repeats):
+For each dtype, on tensors far larger than the CPU caches (or the GPU's L2 with --device cuda),
+times (median of --repeats):
   add_noise  x_t = (1 - sigma)*x0 + sigma*eps, sigma per sample from the timestep (reads 2, writes 1)
     eager    the reference: sigma by torch ops, then (1 - s)*x0 + s*eps with fp32 casts
     stock    sigma by torch ops, then torch.lerp(x0, eps, sigma broadcast)
@@ -15,7 +16,10 @@ usually does: a fresh output of this size is page-faulted in on first touch, whi
 the fused op advises huge pages for the outputs it allocates, stock torch does not).
 GB/s counts the bytes each op must read and write (inputs + outputs), not what an implementation moves.
 
+On a GPU every call is bracketed by torch.cuda.synchronize(), so the times are kernel wall times.
+
 Run: python benchmarks/noise_injection.py [--numel 67108864] [--threads N] [--dtypes float32,bfloat16]
+     python benchmarks/noise_injection.py --device cuda --dtypes float32,bfloat16,float16 --repeats 50
 """
 from __future__ import annotations
 
@@ -35,6 +39,11 @@ ADD_TARGET_VS_CEILING = 0.9
 SDE_TARGET_VS_STOCK = 1.15
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_seconds(fns: dict, repeats: int) -> dict:
     """Median seconds per call of each fn. Calls are interleaved round-robin, so load from other
     processes drifting over the run hits every candidate alike instead of whichever ran at that moment."""
@@ -43,8 +52,10 @@ def median_seconds(fns: dict, repeats: int) -> dict:
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -96,14 +107,15 @@ def shape_for(numel: int, batch: int) -> tuple[int, ...]:
     return (batch, 16, per // (16 * 64 * 64), 64, 64) if per % (16 * 64 * 64) == 0 else (batch, per)
 
 
-def bench_dtype(dtype: torch.dtype, numel: int, repeats: int, eager_repeats: int, verdicts: list) -> None:
+def bench_dtype(dtype: torch.dtype, numel: int, repeats: int, eager_repeats: int, verdicts: list,
+                device: str = "cpu") -> None:
     batch = 4
     shape = shape_for(numel, batch)
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn(shape, generator=gen).to(dtype)
-    eps = torch.randn(shape, generator=gen).to(dtype)
-    v = torch.randn(shape, generator=gen).to(dtype)
-    timesteps = torch.tensor([999.0, 750.0, 500.0, 0.0])
+    x0 = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    eps = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    v = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+    timesteps = torch.tensor([999.0, 750.0, 500.0, 0.0], device=device)
     shift = 5.0
     item = x0.element_size()
     out0, out1 = torch.empty_like(x0), torch.empty_like(x0)
@@ -138,6 +150,7 @@ def bench_dtype(dtype: torch.dtype, numel: int, repeats: int, eager_repeats: int
     r_stock = t.ratio("fused add_noise", "stock: sigma ops + torch.lerp")
     r_ceil_alloc = t.ratio("fused add_noise", "ceiling: torch.add(x0, eps)")
     r_eager = t.ratio("fused add_noise", "eager composition (reference)")
+    ceiling_gbs = t.gbs("ceiling: torch.add(x0, eps, out=c)")
     print(f"  ratio fused(out=) / ceiling(out=)  = {r_ceil:5.2f}x   (target >= {ADD_TARGET_VS_CEILING})")
     print(f"  ratio fused(out=) / stock(out=)    = {r_stock_out:5.2f}x   (target >= 1.0)")
     print(f"  ratio fused / stock, allocating    = {r_stock:5.2f}x   (target >= 1.0)")
@@ -152,8 +165,8 @@ def bench_dtype(dtype: torch.dtype, numel: int, repeats: int, eager_repeats: int
     # ---- sde_step: 3 reads + 2 writes ----
     s = Table("sde_step", 5 * x0.numel() * item)
     print(f"sde_step (bytes per call: {s.nbytes / 1e6:.0f} MB = read x_t, v, eps + write x0_hat, x_next)")
-    sigma_t = torch.tensor([0.9, 0.7, 0.5, 0.3])
-    sigma_next = torch.tensor([0.7, 0.5, 0.3, 0.1])
+    sigma_t = torch.tensor([0.9, 0.7, 0.5, 0.3], device=device)
+    sigma_next = torch.tensor([0.7, 0.5, 0.3, 0.1], device=device)
     st_b = sigma_t.to(dtype).view(bshape)
     sn_b = sigma_next.to(dtype).view(bshape)
 
@@ -183,6 +196,11 @@ def bench_dtype(dtype: torch.dtype, numel: int, repeats: int, eager_repeats: int
     print(f"  ratio fused(out=) / stock(out=)    = {r_out:5.2f}x   (target >= {SDE_TARGET_VS_STOCK})")
     print(f"  ratio fused / stock, allocating    = {r_alloc:5.2f}x   (target >= {SDE_TARGET_VS_STOCK})")
     print(f"  ratio fused / eager                = {r_eager:5.2f}x")
+    r_sde_ceil = s.gbs("fused sde_step(out=)") / ceiling_gbs
+    print(f"  GB/s fused sde_step(out=) / add ceiling(out=) GB/s = {r_sde_ceil:5.2f}x")
+    if device != "cpu":
+        verdicts.append((f"{dtype} sde_step fused GB/s / ceiling GB/s >= {ADD_TARGET_VS_CEILING} (GPU target)",
+                         r_sde_ceil >= ADD_TARGET_VS_CEILING))
     verdicts += [
         (f"{dtype} sde_step fused/stock (out=) >= {SDE_TARGET_VS_STOCK}", r_out >= SDE_TARGET_VS_STOCK),
         (f"{dtype} sde_step fused/stock (allocating) >= {SDE_TARGET_VS_STOCK}", r_alloc >= SDE_TARGET_VS_STOCK),
@@ -197,27 +215,38 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--eager-repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    backend = noise_op_backend("cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: torch sees no CUDA device", file=sys.stderr)
+        return 2
+    backend = noise_op_backend(args.device)
     from ds_distill.ops.noise_injection import _select
 
-    module = _select("cpu").module
+    module = _select(args.device).module
+    if args.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        print(f"GPU: {props.name}; L2: {props.L2_cache_size / 2**20:.0f} MiB; torch {torch.__version__} "
+              f"(CUDA {torch.version.cuda})")
     print(f"CPU: {cpu_model()}; L3: {l3_cache()}; torch {torch.__version__}")
     print(f"threads: {torch.get_num_threads()} (torch.set_num_threads({args.threads})); "
           f"median of {args.repeats} (eager: {args.eager_repeats}) after one warm-up, candidates interleaved")
-    print(f"fused op backend on cpu: {backend}", end="")
-    if module is not None:
+    print(f"fused op backend on {args.device}: {backend}", end="")
+    if module is not None and args.device == "cpu":
         print(f" (AVX2 path: {module.has_avx2()}, streaming stores from "
               f"{module.streaming_store_threshold() / 2**20:.0f} MiB per call, outputs it allocates from "
               f"{module.huge_page_threshold() / 2**20:.0f} MiB advised to use huge pages)")
+    elif module is not None:
+        print()
     else:
-        print("  -- WARNING: the CPU kernel did not load; 'fused' rows time the reference")
+        print(f"  -- WARNING: the {args.device} kernel did not load; 'fused' rows time the reference")
     print("note: for bf16 the stock ops need bf16 weights, so their sigma is rounded to bf16 (ours stays fp32)")
     verdicts: list = []
     for name in args.dtypes.split(","):
-        bench_dtype(getattr(torch, name.strip()), args.numel, args.repeats, args.eager_repeats, verdicts)
+        bench_dtype(getattr(torch, name.strip()), args.numel, args.repeats, args.eager_repeats, verdicts,
+                    args.device)
     print("\nTargets:")
     for text, ok in verdicts:
         print(f"  [{'met' if ok else 'MISSED'}] {text}")

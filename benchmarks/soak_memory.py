@@ -28,7 +28,12 @@ def rank_processes(launcher: psutil.Process) -> list[psutil.Process]:
         except psutil.Error:
             continue
         if "ds_distill.train" in cmd and "--local_rank" in cmd:
-            out.append(p)
+            try:
+                parent = " ".join(p.parent().cmdline())
+            except (psutil.Error, AttributeError):
+                parent = ""
+            if "--local_rank" not in parent:  # a rank, not one of its DataLoader workers
+                out.append(p)
     return sorted(out, key=lambda p: p.pid)
 
 
