@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,17 +77,17 @@ def main() -> int:
         log = open(tmp / "soak.log", "w")
         launcher = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         launcher_ps = psutil.Process(launcher.pid)
-        samples: dict[int, list[float]] = {}  # step -> RSS (MB) per rank
+        samples: list[tuple[int, list[float]]] = []  # (steps done, RSS MB per rank), every 0.25 s
         started = time.time()
         while launcher.poll() is None:
             ranks = rank_processes(launcher_ps)
             step = steps_done(tmp / "run")
-            if ranks and step:
+            if len(ranks) == args.nproc and step:
                 try:
-                    samples[step] = [r.memory_info().rss / 2**20 for r in ranks]
+                    samples.append((step, [r.memory_info().rss / 2**20 for r in ranks]))
                 except psutil.Error:
                     pass
-            time.sleep(0.5)
+            time.sleep(0.25)
         log.close()
         if launcher.returncode != 0:
             print((tmp / "soak.log").read_text()[-4000:])
@@ -94,20 +95,41 @@ def main() -> int:
             return 1
         checkpoints = sorted(p.name for p in (tmp / "run").glob("checkpoint-*"))
     elapsed = time.time() - started
-    steps = sorted(samples)
-    print(f"tiny DMD2, {args.nproc} ranks, {args.iterations} iterations, checkpoint every 10 (keep 2), "
-          f"validation every 50: {elapsed:.0f} s; checkpoints left: {checkpoints}")
-    print(f"{'step':>6}  " + "  ".join(f"rank{r} RSS MB" for r in range(args.nproc)))
-    shown = [s for s in steps if s >= args.warmup]
-    for s in shown[:: max(1, len(shown) // 10)] + [shown[-1]]:
-        print(f"{s:>6}  " + "  ".join(f"{v:12.1f}" for v in samples[s]))
-    base = [samples[min(shown)][r] for r in range(args.nproc)]
-    last_window = [s for s in shown if s >= shown[-1] - 20]
-    end = [max(samples[s][r] for s in last_window) for r in range(args.nproc)]
-    growth = max((e - b) / b for b, e in zip(base, end))
-    print(f"growth after warm-up (step {min(shown)} -> last 20 steps, worst rank): {growth * 100:+.2f}% "
-          f"(target < 5%): {'MET' if growth < 0.05 else 'NOT MET'}")
-    return 0 if growth < 0.05 else 1
+    n, every = args.iterations, 50
+    print(f"tiny DMD2, {args.nproc} ranks, {n} iterations, checkpoint every 10 (keep 2), validation every {every}: "
+          f"{elapsed:.0f} s, {len(samples)} samples; checkpoints left: {checkpoints}")
+
+    def window(lo: int, hi: int, how) -> list[float]:
+        """Per rank, `how` (max or median) of the samples taken while the finished step count was in [lo, hi)."""
+        rows = [rss for step, rss in samples if lo <= step < hi]
+        if not rows:
+            raise SystemExit(f"no samples between steps {lo} and {hi}: the run was too fast to sample")
+        return [how([r[k] for r in rows]) for k in range(args.nproc)]
+
+    print(f"{'steps':>9}  " + "  ".join(f"rank{r} median/max MB" for r in range(args.nproc)))
+    cycles = [(lo, min(lo + every, n)) for lo in range(every, n, every)]  # each holds 1 validation + 5 saves
+    for lo, hi in [(args.warmup, every)] + cycles:
+        med, top = window(lo, hi, statistics.median), window(lo, hi, max)
+        print(f"{lo:>4}-{hi - 1:<4}  " + "  ".join(f"{m:9.1f} /{t:7.1f}" for m, t in zip(med, top)))
+    end = [max(rss[k] for step, rss in samples if step >= n) for k in range(args.nproc)]
+    print(f"{'end':>9}  " + "  ".join(f"{'':9s} /{t:7.1f}" for t in end)
+          + "   (step-300 validation + final save + teardown)")
+
+    def growth(a: list[float], b: list[float]) -> float:
+        return max((y - x) / x for x, y in zip(a, b))
+
+    # Floor: what a rank holds between events, right after warm-up vs the last 20 steps before the end.
+    floor = growth(window(args.warmup, args.warmup + 20, statistics.median),
+                   window(n - 20, n, statistics.median))
+    # Peaks: the highest RSS in the first and the last full cycle of (validation + 5 checkpoints).
+    peak = growth(window(*cycles[0], max), window(*cycles[-1], max))
+    ok = floor < 0.05 and peak < 0.05
+    print(f"growth of the floor (median, steps {args.warmup}-{args.warmup + 19} -> {n - 20}-{n - 1}, worst rank): "
+          f"{floor * 100:+.2f}% (target < 5%)")
+    print(f"growth of the peak  (max, cycle {cycles[0][0]}-{cycles[0][1] - 1} -> {cycles[-1][0]}-{cycles[-1][1] - 1}, "
+          f"worst rank): {peak * 100:+.2f}% (target < 5%)")
+    print(f"resident memory flat after warm-up: {'MET' if ok else 'NOT MET'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -246,11 +246,29 @@ def test_streaming_store_and_huge_page_paths(kernel, dtype):
         misaligned = buffer[1:].view(shape)  # contiguous, 2 or 4 bytes off the 32-byte boundary
         assert torch.equal(add_noise(x0, eps, t, shift=3.0, out=misaligned), want)
         want_sde = sde_step_reference(x0, v, t / 1000, t / 3000, eps)
-        got_sde = sde_step(x0, v, t / 1000, t / 3000, eps)
+        got_sde = sde_step(x0, v, t / 1000, t / 3000, eps)  # fresh outputs: huge pages, plain stores
         assert all(torch.equal(a, b) for a, b in zip(got_sde, want_sde))
+        # given outputs: streaming stores to both, after peeling to the line boundary
+        buffers = [torch.empty(x0.numel() + 1, dtype=dtype) for _ in range(2)]
+        outs = tuple(b[1:].view(shape) for b in buffers)
+        got_sde = sde_step(x0, v, t / 1000, t / 3000, eps, out=outs)
+        assert all(torch.equal(a, b) for a, b in zip(got_sde, want_sde))
+        assert all(a.data_ptr() == b.data_ptr() for a, b in zip(got_sde, outs))
     finally:
         kernel.set_streaming_store_threshold(nt)
         kernel.set_huge_page_threshold(huge)
+
+
+def test_huge_pages_are_opt_in(cpu_op):
+    """Off unless DS_DISTILL_HUGE_PAGES=1 (advised regions may compact memory synchronously at first touch)."""
+    if "DS_DISTILL_HUGE_PAGES" not in os.environ:
+        assert cpu_op.huge_page_threshold() > 2**62
+    code = ("from ds_distill.ops.op_builder import NoiseInjectionCPUBuilder as B; "
+            "print(B().load().huge_page_threshold())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, DS_DISTILL_HUGE_PAGES="1"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == 32 * 2**20
 
 
 def test_add_noise_out(kernel):

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -69,11 +70,19 @@ int64_t l3_cache_bytes() {
 int64_t default_streaming_store_threshold() { return std::max<int64_t>(int64_t(32) << 20, 4 * l3_cache_bytes()); }
 std::atomic<int64_t> g_streaming_store_threshold{default_streaming_store_threshold()};
 
-// Outputs this op allocates from this size up get transparent huge pages (madvise, before first touch).
-// A fresh output this large is page-faulted in on first write, and with 4 KiB pages the faults cost
-// more than the whole computation; 2 MiB pages cut that cost by ~half. Same as torch's
-// THP_MEM_ALLOC_ENABLE, but only for these outputs.
-std::atomic<int64_t> g_huge_page_threshold{32ll << 20};
+// Opt-in (DS_DISTILL_HUGE_PAGES=1, or set_huge_page_threshold): outputs this op allocates from this size
+// up are advised to use transparent huge pages (madvise, before first touch). A fresh output this large
+// is page-faulted in on first write, and with 4 KiB pages the faults cost more than the math; 2 MiB
+// pages cut that by ~3x when the kernel has free huge pages. Off by default, as torch's
+// THP_MEM_ALLOC_ENABLE: with THP defrag set to `madvise` (a common default) a fault in an advised region
+// compacts memory synchronously, and once memory was fragmented calls took 2-8x longer than without the
+// advice (seen here: 1.0 s instead of 0.45 s for a 2 x 256 MiB SDE step).
+constexpr int64_t kNoHugePages = INT64_MAX;
+int64_t default_huge_page_threshold() {
+  const char* v = std::getenv("DS_DISTILL_HUGE_PAGES");
+  return (v != nullptr && v[0] == '1' && v[1] == '\0') ? (int64_t(32) << 20) : kNoHugePages;
+}
+std::atomic<int64_t> g_huge_page_threshold{default_huge_page_threshold()};
 
 template <typename T>
 struct Compute {
@@ -187,20 +196,30 @@ inline void run_segment(const Job<T, NI, NO, K>& job, int64_t lo, int64_t hi,
   };
 #if DSD_HAVE_AVX2
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, BF16>) {
-    constexpr int64_t W = 16;
+    // U chunks of 16 elements per step, so that each output gets a whole 64-byte line per step (bf16: 2).
+    // Streaming stores to half lines, alternating between outputs, can flush partly filled write-combining
+    // buffers: the two-output SDE step in bf16 ran at half speed that way.
+    constexpr int64_t U = 64 / (16 * sizeof(T));
+    constexpr int64_t W = 16 * U;
     Arr<V8, K> kv;
     for (size_t c = 0; c < K; ++c) kv[c] = V8{_mm256_set1_ps(k[c])};
     auto vec_step = [&](int64_t j, auto nt_tag) {
-      Arr<V8, NI> xa, xb;
-      for (size_t a = 0; a < NI; ++a) load16(job.in[a] + j, xa[a], xb[a]);
-      Arr<V8, NO> ya, yb;
-      op(xa, kv, ya);
-      op(xb, kv, yb);
-      for (size_t o = 0; o < NO; ++o) store16<decltype(nt_tag)::value>(job.out[o] + j, ya[o], yb[o]);
+      Arr<Arr<V8, NO>, U> ya, yb;
+      for (int64_t u = 0; u < U; ++u) {
+        Arr<V8, NI> xa, xb;
+        for (size_t a = 0; a < NI; ++a) load16(job.in[a] + j + 16 * u, xa[a], xb[a]);
+        op(xa, kv, ya[u]);
+        op(xb, kv, yb[u]);
+      }
+      for (size_t o = 0; o < NO; ++o) {
+        for (int64_t u = 0; u < U; ++u) {
+          store16<decltype(nt_tag)::value>(job.out[o] + j + 16 * u, ya[u][o], yb[u][o]);
+        }
+      }
     };
     if (nt && hi - i >= 4 * W) {
-      // streaming stores need 32-byte aligned addresses: peel scalars until out[0] is aligned
-      constexpr uintptr_t A = 32;
+      // streaming stores need aligned addresses (whole lines: 64 bytes): peel scalars until out[0] is
+      constexpr uintptr_t A = 64;
       for (int64_t h = 0; h < W && (reinterpret_cast<uintptr_t>(job.out[0] + i) % A) != 0; ++h, ++i) {
         scalar_step(i);
       }
@@ -216,13 +235,16 @@ inline void run_segment(const Job<T, NI, NO, K>& job, int64_t lo, int64_t hi,
   for (; i < hi; ++i) scalar_step(i);
 }
 
+// `outputs_given`: every output is a caller's `out=` tensor. Only those get streaming stores: a fresh
+// output's pages are zeroed by the kernel at first touch, which leaves each page in the cache just before
+// we write it, so plain stores hit the cache there, and streaming stores ran ~10% slower (SDE step).
 template <typename T, size_t NI, size_t NO, size_t K, typename Op>
-void run(const Job<T, NI, NO, K>& job, const Op& op) {
+void run(const Job<T, NI, NO, K>& job, const Op& op, bool outputs_given) {
   using C = typename Compute<T>::type;
   const int64_t total = job.batch * job.per_sample;
   if (total == 0) return;
   const int64_t bytes = total * static_cast<int64_t>(sizeof(T) * (NI + NO));
-  const bool nt = bytes >= g_streaming_store_threshold.load(std::memory_order_relaxed);
+  const bool nt = outputs_given && bytes >= g_streaming_store_threshold.load(std::memory_order_relaxed);
   at::parallel_for(0, total, kGrainSize, [&](int64_t begin, int64_t end) {
     int64_t i = begin;
     while (i < end) {
@@ -269,6 +291,8 @@ void advise_huge_pages(void* data, int64_t nbytes) {
   (void)nbytes;
 #endif
 }
+
+bool given(const c10::optional<at::Tensor>& out) { return out.has_value() && out->defined(); }
 
 // The output tensor: `out` when given (must be contiguous, same dtype and shape), else a new one.
 at::Tensor output_like(const at::Tensor& like, const c10::optional<at::Tensor>& out, const char* name) {
@@ -343,7 +367,7 @@ std::vector<at::Tensor> add_noise_fwd(const at::Tensor& x0, const at::Tensor& ep
     }
     Job<scalar_t, 2, 1, 2> job{{x0c.data_ptr<scalar_t>(), ec.data_ptr<scalar_t>()}, {y.data_ptr<scalar_t>()},
                                batch, per_sample_numel(x0), coef.data()};
-    run(job, [](const auto& x, const auto& k, auto& r) { r[0] = k[0] * x[0] + k[1] * x[1]; });
+    run(job, [](const auto& x, const auto& k, auto& r) { r[0] = k[0] * x[0] + k[1] * x[1]; }, given(out));
   });
   return {y, sigma};
 }
@@ -371,7 +395,7 @@ std::vector<at::Tensor> add_noise_bwd(const at::Tensor& grad, const at::Tensor& 
     run(job, [](const auto& x, const auto& k, auto& r) {
       r[0] = k[0] * x[0];
       r[1] = k[1] * x[0];
-    });
+    }, false);
   });
   return {gx0, geps};
 }
@@ -398,7 +422,7 @@ std::vector<at::Tensor> sde_fwd(const at::Tensor& x_t, const at::Tensor& v, cons
       for (int64_t b = 0; b < batch; ++b) coef[b] = static_cast<C>(stp[b]);
       Job<scalar_t, 2, 1, 1> job{{xc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>()}, {x0_hat.data_ptr<scalar_t>()},
                                  batch, n, coef.data()};
-      run(job, [](const auto& x, const auto& k, auto& r) { r[0] = x[0] - k[0] * x[1]; });
+      run(job, [](const auto& x, const auto& k, auto& r) { r[0] = x[0] - k[0] * x[1]; }, given(out_x0));
     });
     return {x0_hat, at::Tensor()};
   }
@@ -424,7 +448,7 @@ std::vector<at::Tensor> sde_fwd(const at::Tensor& x_t, const at::Tensor& v, cons
     run(job, [](const auto& x, const auto& k, auto& r) {
       r[0] = x[0] - k[0] * x[1];
       r[1] = k[1] * r[0] + k[2] * x[2];
-    });
+    }, given(out_x0) && given(out_next));
   });
   return {x0_hat, x_next};
 }
@@ -447,7 +471,7 @@ std::vector<at::Tensor> sde_bwd(const at::Tensor& g_x0, const c10::optional<at::
       std::vector<C> coef(batch);
       for (int64_t b = 0; b < batch; ++b) coef[b] = -static_cast<C>(stp[b]);
       Job<scalar_t, 1, 1, 1> job{{g0.data_ptr<scalar_t>()}, {gv.data_ptr<scalar_t>()}, batch, n, coef.data()};
-      run(job, [](const auto& x, const auto& k, auto& r) { r[0] = k[0] * x[0]; });
+      run(job, [](const auto& x, const auto& k, auto& r) { r[0] = k[0] * x[0]; }, false);
     });
     return {g0, gv, at::Tensor()};
   }
@@ -475,7 +499,7 @@ std::vector<at::Tensor> sde_bwd(const at::Tensor& g_x0, const c10::optional<at::
       r[0] = x[0] + k[1] * x[1];
       r[1] = k[0] * r[0];
       r[2] = k[2] * x[1];
-    });
+    }, false);
   });
   return {gx, gv, geps};
 }
