@@ -263,10 +263,13 @@ def test_huge_pages_are_opt_in(cpu_op):
     """Off unless DS_DISTILL_HUGE_PAGES=1 (advised regions may compact memory synchronously at first touch)."""
     if "DS_DISTILL_HUGE_PAGES" not in os.environ:
         assert cpu_op.huge_page_threshold() > 2**62
-    code = ("from ds_distill.ops.op_builder import NoiseInjectionCPUBuilder as B; "
-            "print(B().load().huge_page_threshold())")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env=dict(os.environ, DS_DISTILL_HUGE_PAGES="1"))
+    # the built module itself, in a fresh process (the variable is read when the library loads)
+    code = ("import sys, importlib.util, torch; "
+            "spec = importlib.util.spec_from_file_location(sys.argv[1], sys.argv[2]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "print(m.huge_page_threshold())")
+    out = subprocess.run([sys.executable, "-c", code, cpu_op.__name__, cpu_op.__file__], cwd=REPO,
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, DS_DISTILL_HUGE_PAGES="1"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(out.stdout.split()[-1]) == 32 * 2**20
 
