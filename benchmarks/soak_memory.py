@@ -52,6 +52,8 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--dump", default=None, help="also write every sample (seconds, steps done, RSS MB per rank) "
+                                                  "to this JSON file")
     args = p.parse_args()
     import yaml
 
@@ -79,12 +81,14 @@ def main() -> int:
         launcher_ps = psutil.Process(launcher.pid)
         samples: list[tuple[int, list[float]]] = []  # (steps done, RSS MB per rank), every 0.25 s
         started = time.time()
+        times: list[float] = []
         while launcher.poll() is None:
             ranks = rank_processes(launcher_ps)
             step = steps_done(tmp / "run")
             if len(ranks) == args.nproc and step:
                 try:
                     samples.append((step, [r.memory_info().rss / 2**20 for r in ranks]))
+                    times.append(time.time() - started)
                 except psutil.Error:
                     pass
             time.sleep(0.25)
@@ -95,6 +99,8 @@ def main() -> int:
             return 1
         checkpoints = sorted(p.name for p in (tmp / "run").glob("checkpoint-*"))
     elapsed = time.time() - started
+    if args.dump:
+        Path(args.dump).write_text(json.dumps([[t, s, r] for t, (s, r) in zip(times, samples)]))
     n, every = args.iterations, 50
     print(f"tiny DMD2, {args.nproc} ranks, {n} iterations, checkpoint every 10 (keep 2), validation every {every}: "
           f"{elapsed:.0f} s, {len(samples)} samples; checkpoints left: {checkpoints}")
@@ -113,7 +119,7 @@ def main() -> int:
         print(f"{lo:>4}-{hi - 1:<4}  " + "  ".join(f"{m:9.1f} /{t:7.1f}" for m, t in zip(med, top)))
     end = [max(rss[k] for step, rss in samples if step >= n) for k in range(args.nproc)]
     print(f"{'end':>9}  " + "  ".join(f"{'':9s} /{t:7.1f}" for t in end)
-          + "   (step-300 validation + final save + teardown)")
+          + f"   (the run's last 2 s: after step {n}'s validation and save, rising during teardown)")
 
     def growth(a: list[float], b: list[float]) -> float:
         return max((y - x) / x for x, y in zip(a, b))
