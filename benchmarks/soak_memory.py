@@ -119,7 +119,7 @@ def main() -> int:
         print(f"{lo:>4}-{hi - 1:<4}  " + "  ".join(f"{m:9.1f} /{t:7.1f}" for m, t in zip(med, top)))
     end = [max(rss[k] for step, rss in samples if step >= n) for k in range(args.nproc)]
     print(f"{'end':>9}  " + "  ".join(f"{'':9s} /{t:7.1f}" for t in end)
-          + f"   (the run's last 2 s: after step {n}'s validation and save, rising during teardown)")
+          + f"   (after step {n}: its validation and save, then teardown, where RSS rises just before exit)")
 
     def growth(a: list[float], b: list[float]) -> float:
         return max((y - x) / x for x, y in zip(a, b))
