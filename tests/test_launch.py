@@ -1,4 +1,4 @@
-"""`deepspeed --hostfile` on this machine, and the shipped hostfile.example (see docs/launching.md).
+"""`deepspeed --hostfile` on this machine, and the shipped hostfile.example (see the README's Launching section).
 
 The two-host launch over pdsh/ssh lives in test_launch_multihost.py (marker `multihost`).
 """

@@ -11,7 +11,7 @@ with `.deepspeed_env` in the working directory carrying what the remote ranks ne
 world size 2, one rank per host; the checkpoint it writes at step 2 is resumed to step 3 on the same two hosts.
 
 Skipped (with the reason) only where namespaces cannot be made (not root, `ip netns add` refused) or
-sshd / pdsh are missing (scripts/install_multihost_deps.sh installs them). Run: pytest -m multihost.
+sshd / pdsh are missing (tools/install_multihost_deps.sh installs them). Run: pytest -m multihost.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ class ClusterUnavailable(RuntimeError):
 
 
 def missing_tools() -> list[str]:
-    """Programs the cluster needs that are not installed (see scripts/install_multihost_deps.sh)."""
+    """Programs the cluster needs that are not installed (see tools/install_multihost_deps.sh)."""
     need = {"ip": shutil.which("ip"), "pdsh": shutil.which("pdsh"), "ssh-keygen": shutil.which("ssh-keygen"),
             "sshd": SSHD if os.access(SSHD, os.X_OK) else None,
             "ssh": REAL_SSH if os.access(REAL_SSH, os.X_OK) else None}
@@ -99,7 +99,7 @@ class TwoHostCluster:
             raise ClusterUnavailable("needs root to create network namespaces (ip netns add)")
         missing = missing_tools()
         if missing:
-            raise ClusterUnavailable(f"not installed: {', '.join(missing)} (run scripts/install_multihost_deps.sh)")
+            raise ClusterUnavailable(f"not installed: {', '.join(missing)} (run tools/install_multihost_deps.sh)")
         first = self.nodes[0].netns
         res = _run(["ip", "netns", "add", first], check=False)
         if res.returncode != 0:

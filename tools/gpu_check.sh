@@ -2,7 +2,7 @@
 # Checks that need an NVIDIA GPU (CI has none): the CUDA noise-injection kernel against the reference, its
 # benchmark against the bandwidth ceiling, `ds-distill report`, and the tiny finetune -> DMD2 -> export -> eval
 # pipeline on one GPU (NCCL, bf16 autocast off: the tiny recipes are fp32).
-# Usage: bash scripts/gpu_check.sh [LOG_DIR]   (python3 must have ds_distill's requirements importable;
+# Usage: bash tools/gpu_check.sh [LOG_DIR]   (python3 must have ds_distill's requirements importable;
 #        FT_STEPS / DMD_STEPS shorten the two training runs)
 # Each stage has its own time limit; a failing stage is reported and the next one still runs.
 set -uo pipefail

@@ -10,5 +10,5 @@ fi
 python -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch from the registry would pull several GB.
 python -m pip install -q "torch==2.14.1"
-python -m pip install -q -r requirements.txt
+python -m pip install -q -r tools/requirements.txt
 python -m pip install -q --no-deps -e .

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install ds_distill (+ test extras and the ssh/pdsh/iproute2 the two-host launch test needs) and run the tests.
-# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m slow` or `bash scripts/test.sh tests/test_dmd2.py`.
+# Extra arguments go to pytest, e.g. `bash tools/test.sh -m slow` or `bash tools/test.sh tests/test_dmd2.py`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+bash tools/install.sh
 if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-  bash scripts/install_multihost_deps.sh || echo "note: multihost deps not installed; that test will skip"
+  bash tools/install_multihost_deps.sh || echo "note: multihost deps not installed; that test will skip"
 fi
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
