@@ -55,6 +55,9 @@ def main() -> int:
     p.add_argument("--dump", default=None, help="also write every sample (seconds, steps done, RSS MB per rank) "
                                                   "to this JSON file")
     args = p.parse_args()
+    if args.warmup + 20 > 50 or args.iterations < 150:
+        p.error("needs --warmup <= 30 and --iterations >= 150: the report compares the steps after warm-up with "
+                "the last 20, and the first full 50-step cycle of (validation + 5 checkpoints) with a later one")
     import yaml
 
     from ds_distill.models.tiny import make_tiny_wan
@@ -79,16 +82,14 @@ def main() -> int:
         log = open(tmp / "soak.log", "w")
         launcher = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         launcher_ps = psutil.Process(launcher.pid)
-        samples: list[tuple[int, list[float]]] = []  # (steps done, RSS MB per rank), every 0.25 s
+        samples: list[tuple[float, int, list[float]]] = []  # (seconds, steps done, RSS MB per rank), every 0.25 s
         started = time.time()
-        times: list[float] = []
         while launcher.poll() is None:
             ranks = rank_processes(launcher_ps)
             step = steps_done(tmp / "run")
             if len(ranks) == args.nproc and step:
                 try:
-                    samples.append((step, [r.memory_info().rss / 2**20 for r in ranks]))
-                    times.append(time.time() - started)
+                    samples.append((time.time() - started, step, [r.memory_info().rss / 2**20 for r in ranks]))
                 except psutil.Error:
                     pass
             time.sleep(0.25)
@@ -100,14 +101,14 @@ def main() -> int:
         checkpoints = sorted(p.name for p in (tmp / "run").glob("checkpoint-*"))
     elapsed = time.time() - started
     if args.dump:
-        Path(args.dump).write_text(json.dumps([[t, s, r] for t, (s, r) in zip(times, samples)]))
+        Path(args.dump).write_text(json.dumps(samples))
     n, every = args.iterations, 50
     print(f"tiny DMD2, {args.nproc} ranks, {n} iterations, checkpoint every 10 (keep 2), validation every {every}: "
           f"{elapsed:.0f} s, {len(samples)} samples; checkpoints left: {checkpoints}")
 
     def window(lo: int, hi: int, how) -> list[float]:
         """Per rank, `how` (max or median) of the samples taken while the finished step count was in [lo, hi)."""
-        rows = [rss for step, rss in samples if lo <= step < hi]
+        rows = [rss for _, step, rss in samples if lo <= step < hi]
         if not rows:
             raise SystemExit(f"no samples between steps {lo} and {hi}: the run was too fast to sample")
         return [how([r[k] for r in rows]) for k in range(args.nproc)]
@@ -117,7 +118,7 @@ def main() -> int:
     for lo, hi in [(args.warmup, every)] + cycles:
         med, top = window(lo, hi, statistics.median), window(lo, hi, max)
         print(f"{lo:>4}-{hi - 1:<4}  " + "  ".join(f"{m:9.1f} /{t:7.1f}" for m, t in zip(med, top)))
-    end = [max(rss[k] for step, rss in samples if step >= n) for k in range(args.nproc)]
+    end = window(n, n + 1, max)
     print(f"{'end':>9}  " + "  ".join(f"{'':9s} /{t:7.1f}" for t in end)
           + f"   (after step {n}: its validation and save, then teardown, where RSS rises just before exit)")
 

@@ -75,8 +75,8 @@ std::atomic<int64_t> g_streaming_store_threshold{default_streaming_store_thresho
 // is page-faulted in on first write, and with 4 KiB pages the faults cost more than the math; 2 MiB
 // pages cut that by ~3x when the kernel has free huge pages. Off by default, as torch's
 // THP_MEM_ALLOC_ENABLE: with THP defrag set to `madvise` (a common default) a fault in an advised region
-// compacts memory synchronously, and once memory was fragmented calls took 2-8x longer than without the
-// advice (seen here: 1.0 s instead of 0.45 s for a 2 x 256 MiB SDE step).
+// compacts memory synchronously, and once memory was fragmented calls took 2-3x longer than without the
+// advice (seen here: medians of 1.0-1.4 s instead of 0.45 s for a 2 x 256 MiB SDE step; single calls up to 8x).
 constexpr int64_t kNoHugePages = INT64_MAX;
 int64_t default_huge_page_threshold() {
   const char* v = std::getenv("DS_DISTILL_HUGE_PAGES");
@@ -296,7 +296,7 @@ bool given(const c10::optional<at::Tensor>& out) { return out.has_value() && out
 
 // The output tensor: `out` when given (must be contiguous, same dtype and shape), else a new one.
 at::Tensor output_like(const at::Tensor& like, const c10::optional<at::Tensor>& out, const char* name) {
-  if (out.has_value() && out->defined()) {
+  if (given(out)) {
     check_like(*out, name, like);
     TORCH_CHECK(out->is_contiguous(), name, " must be contiguous");
     return *out;
