@@ -1,5 +1,7 @@
 """`ds-distill report`: DeepSpeed's `ds_report` with ds_distill's ops as extra rows, then the toolchain
-(torch, CUDA, nvcc, ninja) and the backend each op would use now. Never builds anything; exits 0.
+(torch, CUDA, nvcc, ninja) and the path live for each device type: the kernel, verified against the reference,
+the reference it fell back to (and why), or the reference. A kernel that is prebuilt or in the JIT cache is
+loaded and self-checked (as training does at first use); nothing is ever built. Exits 0.
 
 Also runs as `python -m ds_distill.report`.
 """
@@ -50,25 +52,33 @@ def ds_report_with_our_ops(builders, verbose: bool) -> None:
                     table[name] = value
 
 
+def _live(kind: str) -> str:
+    """Load (prebuilt or cached: no build) and self-check the op as the first training call would."""
+    from ds_distill.ops import noise_injection
+
+    backend = noise_injection._select(kind)
+    if backend.name == kind:
+        return f"{kind} kernel ({backend.reason})"
+    if "self-check" in backend.reason:
+        return f"reference: the {kind} kernel FELL BACK ({backend.reason})"
+    return f"reference ({backend.reason})"
+
+
 def _kernel_state(kind: str, builder, build_time: str) -> str:
-    """What the `kind` ('cpu'/'cuda') kernel would be now, from this process's state and the caches."""
+    """What the `kind` ('cpu'/'cuda') kernel is now, from this process's state and the caches."""
     from ds_distill.ops import noise_injection
     from ds_distill.ops.op_builder import extensions_root
 
-    if kind in noise_injection._ops:  # already loaded (or failed) in this process
-        module, why = noise_injection._ops[kind]
-        return f"{kind} kernel (loaded in this process)" if module is not None else f"reference ({why})"
-    spec = builder.prebuilt_spec()
-    if spec is not None:
-        return f"{kind} kernel (prebuilt: {spec.origin})"
+    if kind in noise_injection._ops or builder.prebuilt_spec() is not None:
+        return _live(kind)
     if not builder.is_compatible(verbose=False):
         return f"reference ({kind} op cannot be built here: {builder.error_log})"
     state = builder.jit_cache_state()
     if state == "cached":
-        return f"{kind} kernel (cached: {builder.jit_so_path()})"
+        return _live(kind)
     if state == "stale":
         return f"{kind} kernel (needs JIT rebuild, sources changed, {build_time})"
-    return f"{kind} kernel (needs JIT build, {build_time}, into {extensions_root()})"
+    return f"{kind} kernel (needs JIT build, {build_time}, into {extensions_root()}; verifies itself at first use)"
 
 
 def backend_now(device_type: str, builders) -> str:

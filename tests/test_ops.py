@@ -455,6 +455,45 @@ def test_build_failure_falls_back_to_reference(cpu_op, fresh_dispatch, caplog):
     assert noise_op_backend("cpu") == "cpu"  # loads again (from the cache) once the toolchain is back
 
 
+def test_kernel_self_check_passes_and_is_reported(cpu_op, fresh_dispatch, caplog):
+    with caplog.at_level(logging.INFO, logger="ds_distill.ops"):
+        assert noise_op_backend("cpu") == "cpu"
+    assert "verified against the reference" in caplog.text
+    assert noise_injection._checks == {"cpu": None}
+
+
+def test_kernel_failing_its_self_check_falls_back_once(cpu_op, fresh_dispatch, caplog):
+    """DS_DISTILL_FAULT=noise_op_check corrupts the kernel's result inside the check: one warning, then the
+    reference runs (forward and backward) for the rest of the process."""
+    fresh_dispatch.setenv("DS_DISTILL_FAULT", "noise_op_check@0")
+    with caplog.at_level(logging.INFO, logger="ds_distill.ops"):
+        x0 = torch.randn(2, 9, requires_grad=True)
+        eps = torch.randn(2, 9)
+        x_t = add_noise(x0, eps, 300, shift=3.0)
+        x0_hat, x_next = sde_step(x0.detach(), eps, 0.7, 0.4, eps)
+        assert noise_op_backend("cpu") == "reference"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "ds_distill.ops"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "failed its self-check" in warnings[0].getMessage() and "add_noise" in warnings[0].getMessage()
+    torch.testing.assert_close(x_t, add_noise_reference(x0, eps, 300, shift=3.0), rtol=0, atol=0)
+    want = sde_step_reference(x0.detach(), eps, 0.7, 0.4, eps)
+    torch.testing.assert_close((x0_hat, x_next), want, rtol=0, atol=0)
+    x_t.sum().backward()
+    torch.testing.assert_close(x0.grad, torch.full_like(x0, 1 - 3 * 0.3 / (1 + 2 * 0.3)), rtol=1e-6, atol=1e-6)
+
+
+def test_report_says_which_path_is_live(cpu_op, capsys, fresh_dispatch):
+    from ds_distill.report import main
+
+    assert main(["--no-ds-report"]) == 0
+    assert "cpu tensors ..... cpu kernel (" in capsys.readouterr().out
+    noise_injection._reset_dispatch()
+    fresh_dispatch.setenv("DS_DISTILL_FAULT", "noise_op_check")
+    assert main(["--no-ds-report"]) == 0
+    out = capsys.readouterr().out
+    assert "reference: the cpu kernel FELL BACK" in out and "failed its self-check" in out
+
+
 def test_import_is_lazy():
     """Importing the ops neither imports the op builders (and DeepSpeed with them) nor loads a kernel."""
     code = ("import sys, ds_distill.ops as o; from ds_distill.ops import noise_injection as n; "

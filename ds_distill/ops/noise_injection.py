@@ -4,6 +4,11 @@ At the first call for a device type the backend is chosen once and logged (logge
 CUDA kernel for CUDA tensors when the CUDA op loads, CPU kernel for CPU tensors when the CPU op loads,
 else the pure-PyTorch reference. `DS_DISTILL_NOISE_OP=auto|cuda|cpu|reference` overrides the choice.
 A kernel that fails to build or load never raises: the reference runs and the reason is logged.
+
+A kernel that loads checks itself once per process, before its first use: forward and backward of both ops
+on small fp32 and bf16 tensors against the reference. A mismatch logs one warning and the reference runs for
+that device type. `DS_DISTILL_FAULT=noise_op_check` corrupts the kernel's result inside that check (to test
+the fallback); `ds-distill report` says which path is live.
 """
 from __future__ import annotations
 
@@ -47,6 +52,8 @@ class Backend:
 _lock = threading.RLock()
 _ops: dict[str, tuple[object | None, str]] = {}  # "cpu" / "cuda" -> (module or None, how it loaded / why not)
 _backends: dict[tuple[str, str], Backend] = {}  # (device type, mode) -> choice
+_checks: dict[str, str | None] = {}  # "cpu" / "cuda" -> None (kernel agrees with the reference) or the mismatch
+FAULT_VAR, FAULT_POINT = "DS_DISTILL_FAULT", "noise_op_check"
 _logged: set = set()
 
 
@@ -89,6 +96,80 @@ def _load_op(kind: str):
         return result
 
 
+def _fault_armed() -> bool:
+    """`DS_DISTILL_FAULT` names `noise_op_check` (alone or as `noise_op_check@N`, like the other fault points)."""
+    parts = os.environ.get(FAULT_VAR, "").split(",")
+    return any(p.strip().split("@", 1)[0] == FAULT_POINT for p in parts)
+
+
+def _compare(name: str, got: Tensor, want: Tensor, tol: float) -> None:
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise AssertionError(f"{name}: {got.dtype} {tuple(got.shape)} instead of {want.dtype} {tuple(want.shape)}")
+    err = (got.double() - want.double()).abs().max().item()
+    bound = tol * max(1.0, want.double().abs().max().item())
+    if not err <= bound:  # also catches NaN
+        raise AssertionError(f"{name}: max |kernel - reference| = {err:.3g} > {bound:.3g}")
+
+
+def _self_check(module, device: torch.device) -> None:
+    """Raise AssertionError naming the first output where the kernel and the reference disagree."""
+    corrupt = _fault_armed()
+    g = torch.Generator().manual_seed(1234)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        def rand(*shape):
+            return torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+
+        x0, eps, v, grad = rand(3, 4, 37), rand(3, 4, 37), rand(3, 4, 37), rand(3, 4, 37)
+        t = torch.tensor([0.0, 417.0, 1000.0], dtype=torch.float64, device=device)
+        table = torch.linspace(0, 1, 1001, dtype=torch.float32, device=device) ** 0.5
+        for shift, tab in ((3.0, None), (1.0, table)):
+            x_t, sigma = module.add_noise_fwd(x0, eps, t, tab, shift, 1000, None)
+            if corrupt:
+                x_t = x_t + 1
+            _compare(f"add_noise {dtype}", x_t, add_noise_reference(x0, eps, t, shift=shift, sigma_table=tab), tol)
+            s = sigma.view(-1, 1, 1).to(torch.float32)
+            gx0, geps = module.add_noise_bwd(grad, sigma)
+            _compare(f"add_noise backward (x0) {dtype}", gx0, ((1 - s) * grad.float()).to(dtype), tol)
+            _compare(f"add_noise backward (eps) {dtype}", geps, (s * grad.float()).to(dtype), tol)
+        st = torch.tensor([0.9, 0.5, 0.1], device=device)
+        sn = torch.tensor([0.6, 0.2, 0.0], device=device)
+        x0_hat, x_next = module.sde_fwd(x0, v, eps, st, sn, None, None)
+        want0, want1 = sde_step_reference(x0, v, st, sn, eps)
+        _compare(f"sde_step x0_hat {dtype}", x0_hat, want0, tol)
+        _compare(f"sde_step x_next {dtype}", x_next, want1, tol)
+        leaves = [x.detach().float().requires_grad_(True) for x in (x0, v, eps)]
+        r0, r1 = sde_step_reference(*leaves[:2], st, sn, leaves[2])
+        want = torch.autograd.grad((r0 * grad.float()).sum() + (r1 * v.float()).sum(), leaves)
+        got = module.sde_bwd(grad, v, st, sn)
+        for name, a, b in zip(("x_t", "v", "eps"), got, want):
+            _compare(f"sde_step backward ({name}) {dtype}", a, b.to(dtype), tol)
+
+
+def _verified(kind: str, module) -> str | None:
+    """None if the `kind` kernel agrees with the reference (checked once per process), else what differed."""
+    if kind not in _checks:
+        device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
+        try:
+            _self_check(module, device)
+        except Exception as err:  # a wrong or crashing kernel must not stop training
+            logger.debug("the %s noise-injection kernel failed its self-check", kind, exc_info=True)
+            _checks[kind] = _short(err)
+        else:
+            _checks[kind] = None
+    return _checks[kind]
+
+
+def _loaded(kind: str, module, why: str) -> Backend:
+    """The kernel's backend if it passes its self-check, else the reference with the reason."""
+    if module is None:
+        return Backend("reference", None, why)
+    mismatch = _verified(kind, module)
+    if mismatch is not None:
+        return Backend("reference", None, f"{why}, but the {kind} kernel failed its self-check against the "
+                                          f"reference ({mismatch}); falling back to the reference")
+    return Backend(kind, module, f"{why}; verified against the reference")
+
+
 def _mode() -> str:
     raw = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if raw not in MODES:
@@ -106,11 +187,11 @@ def _choose(device_type: str, mode: str) -> Backend:
         if not torch.cuda.is_available():  # nothing could run it; do not spend minutes building it
             return Backend("reference", None, "no CUDA device is available")
         module, why = _load_op("cuda")
-        return Backend("cuda", module, why) if module is not None else Backend("reference", None, why)
+        return _loaded("cuda", module, why)
     if device_type == "cpu":
         note = f"{ENV_VAR}=cuda but the tensors are on the CPU; " if mode == "cuda" else ""
         module, why = _load_op("cpu")
-        return Backend("cpu", module, note + why) if module is not None else Backend("reference", None, note + why)
+        return _loaded("cpu", module, note + why)
     return Backend("reference", None, f"no kernel for {device_type} tensors")
 
 
@@ -124,7 +205,8 @@ def _select(device_type: str) -> Backend:
             if backend is None:
                 backend = _choose(device_type, mode)
                 _backends[key] = backend
-                failed = backend.name == "reference" and "did not load" in backend.reason
+                failed = backend.name == "reference" and ("did not load" in backend.reason
+                                                          or "self-check" in backend.reason)
                 _log_once(
                     ("backend",) + key,
                     logging.WARNING if failed else logging.INFO,
@@ -134,6 +216,13 @@ def _select(device_type: str) -> Backend:
                     backend.reason,
                 )
     return backend
+
+
+def noise_op_status(device_type: str = "cpu") -> str:
+    """One line: what runs for tensors of this device type and why (loads and self-checks the op if needed)."""
+    backend = _select(torch.device(device_type).type)
+    name = "reference" if backend.name == "reference" else f"{backend.name} kernel"
+    return f"{name} ({backend.reason})"
 
 
 def noise_op_backend(device_type: str = "cpu") -> str:
@@ -146,6 +235,7 @@ def _reset_dispatch(forget_loaded_ops: bool = False) -> None:
     with _lock:
         _backends.clear()
         _logged.clear()
+        _checks.clear()
         if forget_loaded_ops:
             _ops.clear()
 
