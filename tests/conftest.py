@@ -12,6 +12,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+# The stock templates with stage3_param_persistence_threshold 0: every tensor of the tiny model is partitioned, so
+# training tests run ZeRO-3's gather / release / prefetch as the real model's parameters do.
+TRAIN_T0 = REPO / "tests" / "ds_configs" / "zero3_train_t0.json"
+INFERENCE_T0 = REPO / "tests" / "ds_configs" / "zero3_inference_t0.json"
 
 # Quiet, deterministic, and no oversubscription of the 2 cores.
 os.environ.setdefault("DS_DISTILL_NO_TQDM", "1")
@@ -86,6 +90,8 @@ def finetune_recipe(tiny_wan: Path, toy_data: Path, out: Path, **training) -> di
         "gradient_checkpointing": False,
         "checkpointing_steps": 0,
         "trackers": ["tensorboard"],
+        "ds_config": str(TRAIN_T0),
+        "ds_config_inference": str(INFERENCE_T0),
     }
     t.update(training)
     return {
@@ -115,6 +121,88 @@ def dmd2_recipe(teacher: Path, data_dir: Path, out: Path, method: dict | None = 
         **(method or {}),
     }
     return r
+
+
+@pytest.fixture(scope="session")
+def three_wans(tmp_path_factory) -> dict[str, Path]:
+    """Student, teacher and critic with different weights (tiny Wans of seeds 1, 2, 3). FFN width 255: some
+    tensors have odd sizes, so 2-rank partitions carry padding."""
+    from ds_distill.models.tiny import TinyWanConfig, make_tiny_wan
+
+    root = tmp_path_factory.mktemp("roles")
+    return {role: make_tiny_wan(root / role, TinyWanConfig(seed=seed, ffn_dim=255))
+            for role, seed in (("student", 1), ("teacher", 2), ("critic", 3))}
+
+
+def three_role_dmd2_recipe(roles: dict[str, Path], data_dir: Path, out: Path, method: dict | None = None,
+                           **training) -> dict:
+    """dmd2_recipe with each role read from its own folder (`three_wans`)."""
+    r = dmd2_recipe(roles["teacher"], data_dir, out, method, **training)
+    for name, path in roles.items():
+        r["roles"][name]["path"] = str(path)
+    return r
+
+
+# The production regime at tiny size: bf16, threshold 0, three distinct roles, checkpointing, EMA; 4 iterations
+# with the student stepping on even ones, checkpoints after 2 and 4. Same global batch on 1 and 2 ranks.
+BF16_DMD2 = dict(max_train_steps=4, checkpointing_steps=2, mixed_precision="bf16", gradient_checkpointing=True,
+                 dataloader_num_workers=0, trackers=[])
+BF16_DMD2_METHOD = {"ema_decay": 0.9, "generator_update_interval": 2}
+
+
+@pytest.fixture(scope="session")
+def bf16_dmd2_started(three_wans, toy_data, tmp_path_factory):
+    """Start the 1-rank (batch 2) and 2-rank (1 per rank) bf16 DMD2 runs in the background; `bf16_dmd2_runs`
+    waits for them. Requesting this first lets a module's in-process work overlap them."""
+    root = tmp_path_factory.mktemp("bf16_dmd2")
+    procs = {}
+    for nproc in (1, 2):
+        out = root / f"ranks{nproc}"
+        recipe = write_recipe(root / f"ranks{nproc}.yaml", three_role_dmd2_recipe(
+            three_wans, toy_data, out, BF16_DMD2_METHOD, train_batch_size=2 // nproc,
+            data_path=str(toy_data / "text_only"), **BF16_DMD2))
+        cmd = train_cmd(recipe) if nproc == 1 else deepspeed_cmd(2, recipe)
+        launcher_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
+        env["OMP_NUM_THREADS"] = "1"
+        procs[nproc] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         text=True), out)
+    yield procs
+    for proc, _ in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope="session")
+def bf16_dmd2_runs(bf16_dmd2_started) -> dict[int, Path]:
+    """{ranks: output_dir} of the two finished bf16 DMD2 runs."""
+    outs = {}
+    for nproc, (proc, out) in bf16_dmd2_started.items():
+        log, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, f"{nproc} rank(s):\n" + log[-4000:]
+        outs[nproc] = out
+    return outs
+
+
+def train_in_process(recipe_path: Path, dist_env) -> Path:
+    """What `python -m ds_distill.train --config R` does, on the session's one-rank process group."""
+    from ds_distill.dispatch import build_runtime, check_recipe
+    from ds_distill.engines import Strategy
+    from ds_distill.trainer import Trainer
+    from ds_distill.utils.config import dump_recipe, load_recipe
+    from ds_distill.utils.dataloader import ParquetDataset
+
+    recipe = load_recipe(str(recipe_path))
+    checked = check_recipe(recipe)
+    out = Path(recipe.training.output_dir)
+    out.mkdir(parents=True)
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    runtime = build_runtime(checked, Strategy(dist_env))
+    dataset = ParquetDataset(recipe.training.data_path, recipe.training.text_len,
+                             checked.method_cls.needs_latents(checked.method_config))
+    Trainer(runtime, dataset).train()
+    return out
 
 
 def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
