@@ -12,7 +12,7 @@ import statistics
 import pytest
 import yaml
 
-from conftest import PYTHON, REPO, read_metrics, run_cli, train_cmd
+from conftest import INFERENCE_T0, PYTHON, REPO, TRAIN_T0, read_metrics, run_cli, train_cmd
 
 
 def test_tiny_finetune_recipe_learns_in_200_steps(tiny_wan, toy_data, tmp_path):
@@ -20,7 +20,10 @@ def test_tiny_finetune_recipe_learns_in_200_steps(tiny_wan, toy_data, tmp_path):
     res = run_cli(train_cmd(REPO / "recipes" / "tiny_finetune.yaml", f"roles.student.path={tiny_wan}",
                             f"training.data_path={toy_data / 'latents'}", f"training.output_dir={out}",
                             f"training.validation_dataset_file={toy_data / 'validation.json'}",
-                            "training.max_train_steps=200", "training.checkpointing_steps=100"), timeout=900)
+                            "training.max_train_steps=200", "training.checkpointing_steps=100",
+                            # ZeRO-3 really partitioned, as with real model widths (the stock 1e5 keeps it whole)
+                            f"training.ds_config={TRAIN_T0}", f"training.ds_config_inference={INFERENCE_T0}"),
+                 timeout=900)
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
 
     metrics = read_metrics(out)
