@@ -1,8 +1,19 @@
-"""`ds-distill <command>`: one console script for every user-facing tool."""
+"""`ds-distill <command>`: one console script for every user-facing tool, and what the commands share:
+an argument parser whose mistakes are one line, and the output-folder rules of the generators.
+"""
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
+import shutil
 import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from ds_distill.errors import UserError, exit_on_user_error
 
 # command -> (module with `main(argv) -> int`, one-line help)
 COMMANDS = {
@@ -19,12 +30,122 @@ COMMANDS = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage mistakes (unknown option, missing or malformed value) are one-line UserErrors."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def check_output_dir(path: str | Path, flag: str, overwrite: bool, swap: bool = False,
+                     replaceable: Optional[Callable[[Path], bool]] = None, what: str = "") -> Path:
+    """Refuse an output folder before anything is written: a file, a place we cannot write, or (without
+    --overwrite) a folder that is not empty. `swap`: the folder is written aside and renamed into place (so its
+    parent must be writable), else written in place. With --overwrite, `replaceable` says which folders this
+    command may replace (one it made, described by `what`); anything else is left to the user to remove."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{flag} {p}: exists and is not a folder")
+    if p.is_dir():
+        try:
+            busy = any(p.iterdir())
+        except OSError as exc:
+            raise UserError(f"{flag} {p}: cannot read the folder ({exc.strerror})") from None
+        if busy and not overwrite:
+            raise UserError(f"{flag} {p}: folder exists and is not empty; pass --overwrite to replace it, "
+                            "or pick a new folder")
+        if busy and replaceable is not None and not replaceable(p):
+            raise UserError(f"{flag} {p}: --overwrite replaces only {what or 'a folder this command made'}, and "
+                            "this is not one; remove it yourself or pick a new folder")
+    where = p if p.is_dir() and not swap else p.parent
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    if not where.is_dir():
+        raise UserError(f"{flag} {p}: {where} is a file, not a folder")
+    if not os.access(where, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {p}: cannot write in {where} (permission denied)")
+    return p
+
+
+def check_output_file(path: str | Path, flag: str, overwrite: bool) -> Path:
+    """Refuse an output file before anything is written: a folder, an existing file without --overwrite, or a
+    place we cannot write."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.is_dir():
+        raise UserError(f"{flag} {p}: is a folder; expected a file path")
+    if p.exists() and not overwrite:
+        raise UserError(f"{flag} {p}: file exists; pass --overwrite to replace it, or pick a new name")
+    if not p.parent.is_dir():
+        raise UserError(f"{flag} {p}: folder {p.parent} does not exist")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {p}: cannot write in {p.parent} (permission denied)")
+    return p
+
+
+def read_json_object(path: Path, flag: str) -> dict:
+    """A JSON file that must hold an object; any problem is one line naming the file."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{flag}: {path} is missing") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{flag}: {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{flag}: cannot read {path} ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{flag}: {path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def require_components(model_dir: Path, flag: str, parts: tuple[str, ...]) -> dict[str, dict]:
+    """The configs of a Diffusers Wan folder's `parts` (vae, text_encoder: config.json and safetensors weights;
+    tokenizer: its folder), or one line naming what is missing."""
+    configs = {}
+    for part in parts:
+        sub = model_dir / part
+        if not sub.is_dir():
+            raise UserError(f"{flag} {model_dir}: has no {part}/ (expected a Diffusers Wan directory)")
+        if part == "tokenizer":
+            continue
+        configs[part] = read_json_object(sub / "config.json", flag)
+        if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.safetensors.index.json")):
+            raise UserError(f"{flag} {model_dir}: {part}/ holds no .safetensors weights")
+    return configs
+
+
+@contextmanager
+def write_aside_then_swap(out: Path) -> Iterator[Path]:
+    """Yield a new hidden sibling folder to write into. When the block ends without error the new folder takes
+    `out`'s place and only then is the old one (moved aside first) removed, so `out` never holds a mix of old and
+    new files; on an error the new folder is removed and `out` is as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    new.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder the user makes
+    try:
+        yield new
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        os.rename(out, old)
+    os.rename(new, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
 def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     rows = "\n".join(f"  {c:<{width}}  {h}" for c, (_, h) in COMMANDS.items())
     return f"usage: ds-distill <command> [args]\n\ncommands:\n{rows}\n"
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -32,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"error: unknown command {command!r} (commands: {', '.join(COMMANDS)})", file=sys.stderr)
-        return 2
+        raise UserError(f"unknown command {command!r} (commands: {', '.join(COMMANDS)})")
     module = importlib.import_module(COMMANDS[command][0])
     return int(module.main(rest) or 0)
 

@@ -7,7 +7,6 @@ Each training stage is the real `python -m ds_distill.train` on a shipped recipe
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -16,6 +15,7 @@ import time
 from pathlib import Path
 
 from ds_distill.engines import PACKAGE_ROOT
+from ds_distill.cli import ArgumentParser, check_output_dir
 from ds_distill.errors import UserError, exit_on_user_error
 
 RECIPES = PACKAGE_ROOT / "recipes"
@@ -63,15 +63,24 @@ def render_with_wanpipeline(model_dir: Path, out: Path, prompt: str, steps: int,
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ds-distill demo", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="ds-distill demo", description=__doc__.splitlines()[0])
     p.add_argument("--output-dir", default="outputs/demo", help="where everything goes (default outputs/demo)")
     p.add_argument("--finetune-steps", type=int, default=None, help="teacher finetune steps (recipe default)")
     p.add_argument("--dmd-steps", type=int, default=None, help="DMD2 iterations (recipe default)")
     p.add_argument("--nproc", type=int, default=1, help="ranks per training stage (deepspeed launcher when > 1)")
     args = p.parse_args(argv)
+    for flag, value in (("--finetune-steps", args.finetune_steps), ("--dmd-steps", args.dmd_steps),
+                        ("--nproc", args.nproc)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if args.nproc > 1 and not (Path(sys.executable).parent / "deepspeed").is_file():
+        raise UserError(f"--nproc {args.nproc}: needs the deepspeed launcher beside {sys.executable}")
     out = Path(args.output_dir).resolve()
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: --output-dir exists and is not empty; pick a new folder or remove it")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output-dir {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--output-dir {out}: exists and is not empty; pick a new folder or remove it")
+    check_output_dir(out, "--output-dir", overwrite=False)
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

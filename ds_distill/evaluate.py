@@ -6,13 +6,14 @@ role folder (`checkpoint-N/student`, read with DeepSpeed's zero_to_fp32 and the 
 """
 from __future__ import annotations
 
-import argparse
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ds_distill.cli import ArgumentParser, check_output_file, require_components
 from ds_distill.errors import UserError, exit_on_user_error
 
 
@@ -142,10 +143,32 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_model_arg(path: str, flag: str) -> None:
+    """A Diffusers model folder or a checkpoint role folder, as load_transformer reads them."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(f"{flag} {p}: folder does not exist")
+    if not ((p / "transformer" / "config.json").is_file() or (p / "config.json").is_file()
+            or any(p.glob("*_model_states.pt"))):
+        raise UserError(f"{flag} {p}: not a Diffusers model directory (transformer/config.json) or a checkpoint "
+                        "role folder (*_model_states.pt)")
+
+
+def parse_timesteps(text: str) -> list[float]:
+    """`1000,750,500,250` -> raw timesteps, checked as the SDE sampler checks them."""
+    from ds_distill.samplers import check_raw_timesteps
+
+    try:
+        return check_raw_timesteps([float(s) for s in text.split(",")])
+    except ValueError as exc:
+        raise UserError(f"--timesteps {text!r}: {exc} (expected comma-separated numbers, e.g. 1000,750,500,250)"
+                        ) from None
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """CLI: ds-distill eval-toy --data TOY --teacher DIR --student DIR_OR_CKPT [--base DIR]."""
-    p = argparse.ArgumentParser(prog="ds-distill eval-toy", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="ds-distill eval-toy", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="toy dataset folder (make-toy-data output)")
     p.add_argument("--teacher", required=True, help="teacher model directory")
     p.add_argument("--student", help="student model directory or checkpoint role folder")
@@ -156,9 +179,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-caption", type=int, default=32)
     p.add_argument("--flow-shift", type=float, default=3.0)
     p.add_argument("--text-len", type=int, default=16)
-    p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--json", help="also write the rows here (an existing file only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     args = p.parse_args(argv)
-    steps = [float(s) for s in args.timesteps.split(",")]
+    steps = parse_timesteps(args.timesteps)
+    for flag, value in (("--per-caption", args.per_caption), ("--text-len", args.text_len)):
+        if value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    if not 0 <= args.guidance < math.inf:
+        raise UserError(f"--guidance {args.guidance}: must be a finite number >= 0 (1 disables guidance)")
+    if not 0 < args.flow_shift < math.inf:
+        raise UserError(f"--flow-shift {args.flow_shift}: must be a positive number")
+    from ds_distill.utils.toy_data import load_toy_distribution
+
+    for sub in ("latents", "text_only"):
+        if not (Path(args.data) / sub).is_dir():
+            raise UserError(f"--data {args.data}: no {sub}/ (expected a make-toy-data folder)")
+    load_toy_distribution(args.data)
+    check_model_arg(args.teacher, "--teacher")
+    if args.student:
+        check_model_arg(args.student, "--student")
+    base = args.base or args.teacher
+    require_components(Path(base), "--base" if args.base else "--teacher", ("vae",))
+    if args.json:
+        check_output_file(args.json, "--json", args.overwrite)
     n = len(steps)
     specs = [
         EvalSpec("teacher@50 ode", args.teacher, "ode", steps=50, guidance_scale=args.guidance),
@@ -167,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.student:
         specs += [EvalSpec(f"student@{n} sde", args.student, "sde", raw_timesteps=steps),
                   EvalSpec("student@1 sde", args.student, "sde", raw_timesteps=steps[:1])]
-    rows = evaluate(specs, args.data, base=args.base or args.teacher, per_caption=args.per_caption,
+    rows = evaluate(specs, args.data, base=base, per_caption=args.per_caption,
                     flow_shift=args.flow_shift, text_len=args.text_len, ema=args.ema)
     print(format_table(rows))
     if args.json:

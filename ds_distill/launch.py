@@ -20,10 +20,18 @@ _LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>\S+)$")
 def parse_hostfile(path: str | Path) -> dict[str, int]:
     """`host slots=N` lines (comments and blank lines ignored) -> {host: slots}; one-line errors otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; --hostfile needs a file of `HOST slots=N` lines")
     if not path.is_file():
         raise UserError(f"{path}: hostfile not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file; a hostfile holds `HOST slots=N` lines") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the hostfile ({exc.strerror})") from None
     hosts: dict[str, int] = {}
-    for n, raw in enumerate(path.read_text().splitlines(), start=1):
+    for n, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
@@ -67,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(train)
     check_recipe(load_recipe(args.config, args.overrides))
     deepspeed = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    if not os.access(deepspeed, os.X_OK):
+        raise UserError("ds-distill launch: the `deepspeed` launcher is not installed in this environment "
+                        "(pip install deepspeed)")
     cmd = [deepspeed, *launcher, "--module", "ds_distill.train", *train]
     print(f"launching on {len(hosts)} host(s), {sum(hosts.values())} rank(s): {' '.join(cmd)}", flush=True)
     os.execv(cmd[0], cmd)

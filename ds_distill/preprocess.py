@@ -17,7 +17,16 @@ What a row holds, and the choices behind it:
 Resuming: rows go to `part-XXXXX.parquet` files of `--rows-per-file` rows, each written to a temporary file and
 renamed into place, so a part file on disk is always complete. A rerun reads the `id` column of the part files,
 skips those videos and numbers new files after the last one; a crash loses at most the rows not yet in a file.
-`_preprocess.json` beside them records the settings, and a rerun with different settings is refused.
+`_preprocess.json` beside them records the settings.
+
+Which output folder a run may write to (checked before anything is written):
+- a new or empty folder: written from the start;
+- this job's own output, finished or not: continued (a finished one gets nothing new). It is this job's when it
+  holds only what preprocess writes (part files, `_preprocess.json`, the lock), was made with the same shaping
+  settings, and every row in it is a video of this captions file with the same caption;
+- anything else (another job's rows, other settings, files preprocess did not write, a dataset from elsewhere) is
+  refused unless `--overwrite`, which moves the old folder aside to `OUT.replaced-<time>` (never deletes it) and
+  starts afresh.
 """
 from __future__ import annotations
 
@@ -34,6 +43,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
 
+from ds_distill.cli import ArgumentParser, check_output_dir, read_json_object, require_components
 from ds_distill.errors import DataError, UserError, exit_on_user_error
 
 # "." and "_" prefixes: pyarrow and Spark skip these when reading the folder as one dataset.
@@ -57,15 +67,8 @@ class VideoEntry:
     caption: str
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse whose usage errors are one-line UserErrors (exit 2 via exit_on_user_error)."""
-
-    def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="ds-distill preprocess", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="ds-distill preprocess", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="Diffusers Wan directory (vae/, text_encoder/, tokenizer/)")
     p.add_argument("--videos", required=True, help="folder the captions' video paths are relative to")
     p.add_argument("--captions", required=True, help="JSON list of {path|file_name|video, caption|cap}")
@@ -80,25 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--text-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh on an output folder that is not this job's (the old one is moved aside)")
     return p
 
 
 def check_args(args) -> None:
     """Everything about the arguments alone, before any file is read."""
-    if args.num_frames < 1 or (args.num_frames - 1) % 4 != 0:
-        lo = max(1, (args.num_frames - 1) // 4 * 4 + 1)
-        raise UserError(f"--num-frames {args.num_frames}: the Wan VAE needs 4k+1 frames (e.g. {lo} or {lo + 4})")
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value <= 0 or value % 16:
-            raise UserError(f"--{name} {value}: must be a positive multiple of 16 (8x VAE, 2x2 patches)")
-    for name in ("batch_size", "rows_per_file", "text_len"):
+    if args.num_frames < 1:
+        raise UserError(f"--num-frames {args.num_frames}: must be at least 1")
+    for name in ("height", "width", "batch_size", "rows_per_file", "text_len"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
-    if not args.fps > 0:
-        raise UserError(f"--fps {args.fps}: must be positive")
+    if not 0 < args.fps < math.inf:
+        raise UserError(f"--fps {args.fps}: must be a positive number")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
         raise UserError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device}: CUDA is not available on this machine")
 
 
 def check_model_dir(model: str) -> Path:
@@ -106,10 +111,26 @@ def check_model_dir(model: str) -> Path:
     path = Path(os.path.expanduser(model))
     if not path.is_dir():
         raise UserError(f"--model {model}: model directory does not exist")
-    for sub in ("vae/config.json", "text_encoder", "tokenizer"):
-        if not (path / sub).exists():
-            raise UserError(f"--model {model}: {path / sub} is missing (expected a Diffusers Wan directory)")
+    require_components(path, "--model", ("vae", "text_encoder", "tokenizer"))
     return path
+
+
+def check_sizes(args, model_dir: Path) -> None:
+    """Clip sizes the VAE and the transformer's patches divide (Wan: 4k+1 frames, multiples of 8 x 2 = 16 px)."""
+    vae = require_components(model_dir, "--model", ("vae",))["vae"]
+    transformer = model_dir / "transformer" / "config.json"
+    patch = read_json_object(transformer, "--model").get("patch_size") if transformer.is_file() else None
+    _, ph, pw = patch or (1, 2, 2)
+    temporal, spatial = int(vae.get("scale_factor_temporal", 4)), int(vae.get("scale_factor_spatial", 8))
+    if (args.num_frames - 1) % temporal:
+        lo = max(1, (args.num_frames - 1) // temporal * temporal + 1)
+        raise UserError(f"--num-frames {args.num_frames}: the Wan VAE needs {temporal}k+1 frames "
+                        f"(e.g. {lo} or {lo + temporal})")
+    for name, p in (("height", ph), ("width", pw)):
+        value = getattr(args, name)
+        if value % (spatial * p):
+            raise UserError(f"--{name} {value}: must be a positive multiple of {spatial * p} "
+                            f"({spatial}x VAE, {p}x patches)")
 
 
 def _first_caption(value):
@@ -218,6 +239,99 @@ def read_clip(path: Path, num_frames: int, fps: float, height: int, width: int):
     return resize_center_crop(frames, height, width), decoded, last + 1, float(source_fps)
 
 
+def _is_ours(name: str) -> bool:
+    """A file preprocess itself writes into its output folder."""
+    return bool(PART_RE.match(name)) or name in (MANIFEST, LOCK_FILE, f"{MANIFEST}.tmp") or (
+        name.startswith(".part-") and name.endswith(".tmp"))
+
+
+def scan_parts(out: Path) -> tuple[dict[str, int], dict[str, str], int]:
+    """Part files of an output folder: rows per file, caption per id, and the next file number."""
+    import pyarrow.parquet as pq
+
+    files: dict[str, int] = {}
+    captions: dict[str, str] = {}
+    next_index = 0
+    for f in sorted(out.iterdir()):
+        m = PART_RE.match(f.name)
+        if not m:
+            continue
+        try:
+            table = pq.read_table(f, columns=["id", "caption"])
+        except Exception as exc:
+            raise DataError(f"{f}: not a readable part file ({type(exc).__name__}); remove it and rerun") from None
+        ids = table.column("id").to_pylist()
+        files[f.name] = len(ids)
+        captions.update(zip(ids, table.column("caption").to_pylist()))
+        next_index = max(next_index, int(m.group(1)) + 1)
+    return files, captions, next_index
+
+
+def _read_manifest(out: Path) -> dict:
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data.get("settings", {}) if isinstance(data, dict) and isinstance(data.get("settings"), dict) else {}
+
+
+def check_output(out: Path, entries: list[VideoEntry], settings: dict, overwrite: bool) -> bool:
+    """Whether `out` may be written (see the module docstring): True when it must first be moved aside."""
+    check_output_dir(out, "--output", overwrite=True)  # a file, or a place we cannot write
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    again = "pass --overwrite to move it aside and start afresh, or pick a new output folder"
+    foreign = sorted(p.name for p in out.iterdir() if not _is_ours(p.name))
+    if foreign:
+        if overwrite:
+            return True
+        raise UserError(f"--output {out}: holds files preprocess did not write (e.g. {foreign[0]}); {again}")
+    files, done, _ = scan_parts(out)
+    if not files:
+        return overwrite  # only settings and a lock: nothing encoded yet, so nothing to keep
+    old = _read_manifest(out)
+    for key in SHAPING_SETTINGS:
+        if key in old and old[key] != settings[key]:
+            if overwrite:
+                return True
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"--output {out}: it holds rows made with {flag} {old[key]}, not {settings[key]}; rerun "
+                            f"with the same settings, or {again}")
+    wanted = {e.id: e.caption for e in entries}
+    other = next((i for i in sorted(done) if i not in wanted), None)
+    changed = next((i for i in sorted(done) if i in wanted and wanted[i] != done[i]), None)
+    if overwrite:
+        return True
+    if other is not None:
+        raise UserError(f"--output {out}: holds rows of videos not in this captions file (e.g. {other!r}), so it is "
+                        f"another job's output; {again}")
+    if changed is not None:
+        raise UserError(f"--output {out}: its row for {changed!r} has another caption than this captions file; "
+                        f"{again}")
+    return False
+
+
+def move_aside(out: Path) -> Path:
+    """Rename an output folder out of the way (never delete it); refuses while another preprocess holds it."""
+    import fcntl
+
+    lock = out / LOCK_FILE
+    if lock.exists():
+        with open(lock) as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise UserError(f"--output {out}: another preprocess is writing to this folder") from None
+    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    os.rename(out, aside)
+    print(f"preprocess: --overwrite: moved the old {out} aside to {aside}", file=sys.stderr)
+    return aside
+
+
 class PartWriter:
     """Owns the output folder: lock, ids already written, atomic part files, the manifest."""
 
@@ -238,45 +352,16 @@ class PartWriter:
         for tmp in [*out.glob(".part-*.tmp"), out / f"{MANIFEST}.tmp"]:
             if tmp.exists():
                 tmp.unlink()
-        self.files: dict[str, int] = {}
-        self.done: set[str] = set()
-        next_index = 0
-        import pyarrow.parquet as pq
-
-        for f in sorted(out.iterdir()):
-            m = PART_RE.match(f.name)
-            if not m:
-                continue
-            try:
-                ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
-            except Exception as exc:
-                raise DataError(f"{f}: not a readable part file ({type(exc).__name__}); remove it and rerun") from None
-            self.files[f.name] = len(ids)
-            self.done.update(ids)
-            next_index = max(next_index, int(m.group(1)) + 1)
-        self.next_index = next_index
+        self.files, captions, self.next_index = scan_parts(out)
+        self.done: set[str] = set(captions)
         self.settings = settings
         if self.files:
-            self._check_settings()
+            old = _read_manifest(out)
+            if old.get("model") not in (None, settings["model"]):
+                print(f"warning: {out} holds rows encoded with --model {old['model']}; continuing with "
+                      f"{settings['model']} (its VAE and text encoder must be the same)", file=sys.stderr)
         else:
             self._write_manifest()  # settings are on disk before any part file, so every resume can check them
-
-    def _check_settings(self) -> None:
-        path = self.out / MANIFEST
-        try:
-            old = json.loads(path.read_text()).get("settings", {})
-        except (OSError, json.JSONDecodeError, AttributeError):
-            return  # the part files are the truth; a missing or damaged manifest is rewritten after the next file
-        if old.get("model") not in (None, self.settings["model"]):
-            print(f"warning: {self.out} holds rows encoded with --model {old['model']}; continuing with "
-                  f"{self.settings['model']} (its VAE and text encoder must be the same)", file=sys.stderr)
-        for key in SHAPING_SETTINGS:
-            if key in old and old[key] != self.settings[key]:
-                flag = "--" + key.replace("_", "-")
-                raise UserError(
-                    f"--output {self.out}: it holds rows made with {flag} {old[key]}, not {self.settings[key]}; "
-                    "rerun with the same settings or use a new output folder"
-                )
 
     def write(self, rows: list[dict]) -> str:
         """Write rows as the next part file, atomically; returns its name."""
@@ -395,10 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     check_args(args)
     model_dir = check_model_dir(args.model)
+    check_sizes(args, model_dir)
     entries = read_captions(args.captions, args.videos)
-    out = Path(args.output)
+    out = Path(os.path.expanduser(args.output))
     settings = {k: getattr(args, k) for k in SHAPING_SETTINGS}
     settings["model"] = str(model_dir.resolve())
+    if check_output(out, entries, settings, args.overwrite):
+        move_aside(out)
     writer = PartWriter(out, settings)
     try:
         return _run(args, model_dir, entries, writer)
@@ -407,11 +495,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args, model_dir: Path, entries: list[VideoEntry], writer: PartWriter) -> int:
-    import torch
     from tqdm import tqdm
 
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device}: CUDA is not available on this machine")
     pending = [e for e in entries if e.id not in writer.done]
     already = len(entries) - len(pending)
     sleep_after_file = float(os.environ.get(SLEEP_ENV, "0") or 0)

@@ -7,6 +7,10 @@ Plain PyTorch in one process: no DeepSpeed process group. Examples:
         --prompt "a cat walking on a sunny street"
     ds-distill sample --model Wan2.1-T2V-1.3B-Diffusers --output-dir out --steps 50 --guidance 5 \\
         --prompts-file prompts.json
+
+Videos are `<i>-<slug>.mp4` plus `manifest.json` in --output-dir. An --output-dir that already holds any of the
+files a run would write (an earlier run's output) is refused unless `--overwrite`, which replaces them and removes
+the videos the old manifest lists that the new run does not write again.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ds_distill.cli import ArgumentParser, check_output_dir, read_json_object, require_components
 from ds_distill.errors import UserError, exit_on_user_error
 
 logger = logging.getLogger("ds_distill")
@@ -34,7 +40,7 @@ DEFAULT_GUIDANCE = {"ode": 5.0, "sde": 1.0}
 def build_parser() -> argparse.ArgumentParser:
     from ds_distill.utils.config import WAN_NEGATIVE_PROMPT
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="ds-distill sample",
         description="Generate mp4 videos from a Diffusers-format Wan directory with the ODE or SDE sampler.",
     )
@@ -70,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Wan directory supplying vae/, text_encoder/, tokenizer/ that --model lacks")
     p.add_argument("--save-latents", action="store_true",
                    help="also write each video's final latents (model space) as <i>-<slug>.safetensors")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the videos and manifest.json of an earlier run in --output-dir")
     return p
 
 
@@ -103,6 +111,85 @@ def component_dir(name: str, model_dir: Path, fallback: Optional[Path], purpose:
     raise UserError(f"--model: {where} has no {name}/ (needed {purpose}){hint}")
 
 
+def check_rotary_range(prompts: list, vae_config: dict, transformer_config: dict, source: str) -> None:
+    """Latent patches per axis must fit the transformer's rotary table (`rope_max_seq_len`)."""
+    limit = int(transformer_config.get("rope_max_seq_len", 1024))
+    pt, ph, pw = list(transformer_config.get("patch_size") or (1, 2, 2))
+    temporal = int(vae_config.get("scale_factor_temporal", 4))
+    spatial = int(vae_config.get("scale_factor_spatial", 8))
+    for p in prompts:
+        for key, n in (("num_frames", ((p.num_frames - 1) // temporal + 1) // pt),
+                       ("height", p.height // spatial // ph), ("width", p.width // spatial // pw)):
+            if n > limit:
+                raise UserError(f"{source}: {p.where}.{key}: {getattr(p, key)} gives {n} latent patches, more than "
+                                f"the model's rotary range (rope_max_seq_len {limit})")
+
+
+def read_configs(model_dir: Path, flag: str):
+    """`read_components`, after checking that every config JSON it reads is a readable JSON object."""
+    from ds_distill.models.components import read_components
+
+    for rel in ("model_index.json", "config.json", "transformer/config.json", "vae/config.json",
+                "scheduler/scheduler_config.json"):
+        if (model_dir / rel).is_file():
+            read_json_object(model_dir / rel, flag)
+    return read_components(model_dir)
+
+
+def check_numbers(args) -> None:
+    """Counts at least 1; guidance, flow shift and seed in range and finite."""
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps: must be at least 1, got {args.steps}")
+    for flag, value in (("--text-len", args.text_len), ("--height", args.height), ("--width", args.width),
+                        ("--num-frames", args.num_frames), ("--fps", args.fps)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag}: must be at least 1, got {value}")
+    if args.guidance is not None and not 0 <= args.guidance < math.inf:
+        raise UserError(f"--guidance: must be a finite number >= 0 (1 disables guidance), got {args.guidance}")
+    if args.flow_shift is not None and not 0 < args.flow_shift < math.inf:
+        raise UserError(f"--flow-shift: must be a positive number, got {args.flow_shift}")
+    if not 0 <= args.seed < 2**62:
+        raise UserError(f"--seed: must be between 0 and 2**62, got {args.seed}")
+
+
+def output_names(prompts: list, save_latents: bool) -> list[str]:
+    """The files a run writes into --output-dir, manifest last."""
+    from ds_distill.validators.prompts import slugify
+
+    names = []
+    for i, p in enumerate(prompts):
+        names.append(f"{i}-{slugify(p.caption)}.mp4")
+        if save_latents:
+            names.append(f"{i}-{slugify(p.caption)}.safetensors")
+    return names + ["manifest.json"]
+
+
+def check_output(out_dir: Path, names: list[str], overwrite: bool) -> list[str]:
+    """Refuse to write over an earlier run's files unless --overwrite; returns the earlier run's stale files
+    (listed in its manifest, not written again) for --overwrite to remove once the new ones are written."""
+    check_output_dir(out_dir, "--output-dir", overwrite=True)  # a file, or a place we cannot write
+    existing = [n for n in names if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise UserError(f"--output-dir {out_dir}: already holds {existing[0]} (an earlier run's output); pass "
+                        "--overwrite to replace it, or pick a new folder")
+    for n in existing:
+        if (out_dir / n).is_dir():
+            raise UserError(f"--output-dir {out_dir}: {n} is a folder; remove it or pick a new folder")
+    stale = []
+    if overwrite and (out_dir / "manifest.json").is_file():
+        try:
+            old = json.loads((out_dir / "manifest.json").read_text()).get("videos", [])
+            listed = [v["file"] for v in old if isinstance(v, dict) and isinstance(v.get("file"), str)]
+        except (OSError, ValueError, AttributeError):
+            listed = []
+        for name in listed:
+            base = Path(name).name  # only files directly in --output-dir
+            for candidate in (base, str(Path(base).with_suffix(".safetensors"))):
+                if candidate not in names and (out_dir / candidate).is_file():
+                    stale.append(candidate)
+    return stale
+
+
 def load_prompt_list(args) -> tuple[list, str]:
     from ds_distill.validators.prompts import ValidationPrompt, load_prompts
 
@@ -132,55 +219,58 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    from ds_distill.models.components import read_components, resolve_model_dir, transformer_dir
+    from ds_distill.models.components import resolve_model_dir, transformer_dir
     from ds_distill.models.wan import PromptEncoder, latent_shape_for
     from ds_distill.samplers import check_raw_timesteps, denoiser_from_module, initial_noise, sample_latents
-    from ds_distill.validators.prompts import check_text_dim, pad_embedding, slugify
+    from ds_distill.validators.prompts import check_text_dim, pad_embedding
     from ds_distill.validators.wan import WanDecoder, check_video_sizes, frames_to_uint8, write_mp4
 
-    # -- check everything the user typed before loading anything -------------------------------------
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps: must be at least 1, got {args.steps}")
+    # -- check everything the user typed before loading or writing anything ----------------------------
+    check_numbers(args)
     if args.timesteps is not None:
         try:
             check_raw_timesteps(args.timesteps)
         except ValueError as exc:
             raise UserError(f"--timesteps: {exc}") from None
-    for flag, value in (("--text-len", args.text_len), ("--height", args.height), ("--width", args.width),
-                        ("--num-frames", args.num_frames), ("--fps", args.fps)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag}: must be at least 1, got {value}")
     guidance = args.guidance if args.guidance is not None else DEFAULT_GUIDANCE[args.sampler]
     model_dir = resolve_model_dir(args.model, "ds-distill sample", "--model")
     fallback = None
     if args.components_from:
         fallback = resolve_model_dir(args.components_from, "ds-distill sample", "--components-from")
-    comps = read_components(model_dir)
+    comps = read_configs(model_dir, "--model")
+    weights = transformer_dir(model_dir)
+    if not any(weights.glob("*.safetensors")) and not any(weights.glob("*.safetensors.index.json")):
+        raise UserError(f"--model: {weights} holds no .safetensors transformer weights")
     vae_base = component_dir("vae", model_dir, fallback, "to decode videos")
-    vae_config = comps.vae_config or read_components(vae_base).vae_config
-    scheduler_config = comps.scheduler_config or (read_components(fallback).scheduler_config if fallback else {})
+    vae_config = require_components(vae_base, "--model" if vae_base == model_dir else "--components-from",
+                                    ("vae",))["vae"]
+    scheduler_config = comps.scheduler_config or (read_configs(fallback, "--components-from").scheduler_config
+                                                  if fallback else {})
     flow_shift = args.flow_shift if args.flow_shift is not None else flow_shift_of(scheduler_config)
     prompts, source = load_prompt_list(args)
     for p in prompts:
         for key, default in DEFAULT_SIZE.items():
             setattr(p, key, getattr(args, key) or getattr(p, key) or default)
     check_video_sizes(prompts, vae_config, comps.transformer_config.get("patch_size"), source)
+    check_rotary_range(prompts, vae_config, comps.transformer_config, source)
     check_text_dim(prompts, comps.transformer_config.get("text_dim", 4096), source)
+    todo = [p for p in prompts if p.embedding is None]
+    text_base = None
+    if todo or guidance > 1.0:
+        text_base = component_dir("text_encoder", model_dir, fallback, "to encode prompts")
+        require_components(text_base, "--model" if text_base == model_dir else "--components-from",
+                           ("text_encoder", "tokenizer"))
     device = pick_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     out_dir = Path(args.output_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--output-dir: cannot create {out_dir} ({exc.strerror})") from None
+    names = output_names(prompts, args.save_latents)
+    stale = check_output(out_dir, names, args.overwrite)
 
     # -- text: encode captions (and the negative prompt) once, then free the encoder ------------------
     started = time.perf_counter()
-    todo = [p for p in prompts if p.embedding is None]
     uncond = None
-    if todo or guidance > 1.0:
-        text_base = component_dir("text_encoder", model_dir, fallback, "to encode prompts")
+    if text_base is not None:
         encoder = PromptEncoder(text_base, device=device)
         embeddings = encoder([p.caption for p in todo] + ([args.negative_prompt] if guidance > 1.0 else []),
                              args.text_len)
@@ -215,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- decode and write ---------------------------------------------------------------------------
     decoder = WanDecoder(vae_base, device=device)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output-dir: cannot create {out_dir} ({exc.strerror})") from None
     manifest = []
     for i, p, latents, num_steps, raw_timesteps in results:
-        name = f"{i}-{slugify(p.caption)}"
+        name = Path(names[i * (2 if args.save_latents else 1)]).stem
         frames = frames_to_uint8(decoder.decode(latents)[0])
         path = write_mp4(out_dir / f"{name}.mp4", frames, args.fps)
         if args.save_latents:
@@ -231,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": str(model_dir), "sampler_kind": args.sampler, "guidance_scale": guidance,
             "flow_shift": flow_shift, "videos": manifest}
     (out_dir / "manifest.json").write_text(json.dumps(meta, indent=2))
+    for name in stale:
+        (out_dir / name).unlink(missing_ok=True)
     print(f"{len(results)} video{'s' if len(results) != 1 else ''} in {time.perf_counter() - started:.1f} s "
           f"({args.sampler}, guidance {guidance:g}, flow shift {flow_shift:g}) -> {out_dir}", flush=True)
     return 0

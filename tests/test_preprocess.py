@@ -234,3 +234,35 @@ def test_unreadable_video_keeps_finished_rows(tiny_wan, videos, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.mp4" in err[0] and "unreadable video" in err[0]
     assert part_ids(out) == [str(root / "a.mp4")] and not list(out.glob(".*.tmp"))
+
+
+def test_another_jobs_output_is_refused_then_moved_aside_with_overwrite(tiny_wan, videos, tmp_path, capsys):
+    """Only this job's own output is continued; --overwrite moves another job's folder aside, never deletes it."""
+    import hashlib
+
+    def snapshot(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    root, captions = videos
+    out = tmp_path / "out"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps([{"path": "a.mp4", "caption": "the same video, captioned otherwise"}]))
+    assert main(tool_args(tiny_wan, root, other, out)) == 0
+    before = snapshot(out)
+    assert main(tool_args(tiny_wan, root, other, out)) == 0  # the same job again: finished, nothing written
+    assert snapshot(out) == before
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exc:
+        main(tool_args(tiny_wan, root, captions, out))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'a.mp4'" in err[0] and "--overwrite" in err[0], err
+    assert snapshot(out) == before
+
+    assert main([*tool_args(tiny_wan, root, captions, out), "--overwrite"]) == 0
+    aside = list(tmp_path.glob("out.replaced-*"))
+    assert len(aside) == 1 and snapshot(aside[0]) == before
+    assert f"moved the old {out} aside to {aside[0]}" in capsys.readouterr().err
+    assert sorted(part_ids(out)) == sorted(ENCODED)

@@ -106,3 +106,30 @@ def test_missing_model_and_missing_components(tiny_wan, tmp_path, capsys):
                         str(tmp_path / "o"), "--prompt", PROMPT, "--sampler", "sde", "--timesteps", "1000",
                         *SMALL]) == 0
     assert read_mp4(tmp_path / "o" / "0-a-red-ball-bouncing-on-the-floor.mp4").shape == (5, 64, 64, 3)
+
+
+def test_earlier_videos_are_kept_unless_overwrite(tiny_wan, tmp_path, capsys):
+    """A second run into the same --output-dir is refused; with --overwrite it replaces the videos and removes
+    the ones the old manifest lists that it does not write again."""
+    out = tmp_path / "out"
+    fast = ["--model", str(tiny_wan), "--output-dir", str(out), "--sampler", "sde", "--timesteps", "1000",
+            "--height", "32", "--width", "32", "--num-frames", "5", "--text-len", "16"]
+    second = "a blue cube spinning in space"
+    assert sample_main([*fast, "--prompt", PROMPT, "--prompt", second]) == 0
+    first = out / "0-a-red-ball-bouncing-on-the-floor.mp4"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["0-a-red-ball-bouncing-on-the-floor.mp4", "1-a-blue-cube-spinning-in-space.mp4",
+                              "manifest.json"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        sample_main([*fast, "--prompt", PROMPT, "--seed", "5"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and first.name in err and "--overwrite" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    assert sample_main([*fast, "--prompt", PROMPT, "--seed", "5", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [first.name, "manifest.json"]
+    assert first.read_bytes() != before[first.name]  # another seed: a new video
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [v["file"] for v in manifest["videos"]] == [first.name] and manifest["videos"][0]["seed"] == 5

@@ -3,15 +3,19 @@
 The directory has the layout of `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` (transformer/, vae/, text_encoder/,
 tokenizer/, scheduler/, model_index.json), so `diffusers.WanPipeline.from_pretrained(OUT)` loads and runs it.
 Tests and the demo use it in place of the real weights, which nothing here may download.
+
+An existing non-empty OUT is refused unless `--overwrite`, which replaces only a model folder (one with
+model_index.json): the new model is written beside it and swapped in when complete, so no old file survives.
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 
+from ds_distill.cli import ArgumentParser, check_output_dir, write_aside_then_swap
+from ds_distill.errors import UserError, exit_on_user_error
 from ds_distill.utils.toy_data import TOY_CAPTIONS
 
 # Words the tiny tokenizer learns from; anything else still tokenizes (through <unk> and characters).
@@ -75,13 +79,42 @@ def build_tiny_transformer(cfg: TinyWanConfig):
     )
 
 
-def make_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | None = None) -> Path:
-    """Write a tiny Wan2.1 T2V pipeline directory and return its path."""
+def is_model_dir(path: Path) -> bool:
+    """A Diffusers pipeline folder (what make-tiny-wan writes), the only kind --overwrite replaces."""
+    return (path / "model_index.json").is_file()
+
+
+# Config fields with a command-line flag, so a bad value is reported under the name the user typed.
+_FLAGS = {"num_layers": "--layers", "num_attention_heads": "--heads", "attention_head_dim": "--head-dim",
+          "ffn_dim": "--ffn-dim"}
+
+
+def check_config(cfg: TinyWanConfig) -> None:
+    """Sizes must be at least 1 and the flow shift a positive number."""
+    for f in fields(cfg):
+        value, name = getattr(cfg, f.name), _FLAGS.get(f.name, f.name)
+        if f.name == "flow_shift":
+            if not 0 < value < float("inf"):
+                raise UserError(f"{name} {value}: must be a positive number")
+        elif f.name != "seed" and value < 1:
+            raise UserError(f"{name} {value}: must be at least 1")
+
+
+def make_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | None = None, overwrite: bool = False) -> Path:
+    """Write a tiny Wan2.1 T2V pipeline directory and return its path (see the module docstring for OUT)."""
+    cfg = cfg or TinyWanConfig()
+    check_config(cfg)
+    out = check_output_dir(out_dir, "make-tiny-wan OUT", overwrite, swap=True, replaceable=is_model_dir,
+                           what="a model folder (one with model_index.json)")
+    with write_aside_then_swap(out) as new:
+        _write_pipeline(new, cfg)
+    return out
+
+
+def _write_pipeline(out: Path, cfg: TinyWanConfig) -> None:
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
-    cfg = cfg or TinyWanConfig()
-    out = Path(out_dir)
     torch.manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
     text_encoder = UMT5EncoderModel(
@@ -117,15 +150,16 @@ def make_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | None = None) -> Path
         vae=vae.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift),
     )
-    out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out)
-    return out
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ds-distill make-tiny-wan OUT [--layers N] [--seed S]."""
-    parser = argparse.ArgumentParser(prog="ds-distill make-tiny-wan", description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="output directory")
+    """CLI: ds-distill make-tiny-wan OUT [--layers N] [--seed S] [--overwrite]."""
+    parser = ArgumentParser(prog="ds-distill make-tiny-wan", description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="output directory (refused when not empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing model folder (the new one is swapped in when complete)")
     parser.add_argument("--layers", type=int, default=TinyWanConfig.num_layers)
     parser.add_argument("--heads", type=int, default=TinyWanConfig.num_attention_heads)
     parser.add_argument("--head-dim", type=int, default=TinyWanConfig.attention_head_dim)
@@ -139,6 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         ffn_dim=args.ffn_dim,
         seed=args.seed,
     )
-    out = make_tiny_wan(args.out, cfg)
+    out = make_tiny_wan(args.out, cfg, overwrite=args.overwrite)
     print(f"tiny Wan2.1 T2V written to {out}")
     return 0

@@ -11,19 +11,24 @@ distilled student, lands on them. Scores project samples onto (c_k, U_k) and com
 Latents are stored in raw VAE space (the family normalises them with the VAE's latents_mean/std); text
 embeddings come from the model's own text encoder, so validation prompts encoded at run time condition
 exactly as the training rows do.
+
+An existing non-empty OUT is refused unless `--overwrite`, which replaces only a toy dataset (a folder with
+toy_modes.safetensors): the new one is written beside it and swapped in when complete.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+
+from ds_distill.cli import ArgumentParser, check_output_dir, require_components, write_aside_then_swap
+from ds_distill.errors import UserError, exit_on_user_error
 
 TOY_CAPTIONS = [
     "a red ball bouncing on the floor",
@@ -123,23 +128,64 @@ def score_samples(samples: torch.Tensor, caption_index: torch.Tensor, dist: ToyD
     }
 
 
-def _vae_stats(model_dir: Path) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    cfg = json.loads((model_dir / "vae" / "config.json").read_text())
-    mean = torch.tensor(cfg["latents_mean"], dtype=torch.float32)
-    std = torch.tensor(cfg["latents_std"], dtype=torch.float32)
-    return mean, std, cfg
+def is_toy_dataset(path: Path) -> bool:
+    """A folder make-toy-data wrote (the only kind its --overwrite replaces)."""
+    return (path / MODES_FILE).is_file()
 
 
-def make_toy_data(out_dir: str | Path, model_dir: str | Path, cfg: ToyDataConfig | None = None) -> Path:
+def check_toy_config(cfg: ToyDataConfig, vae_cfg: dict, patch_size) -> None:
+    """Counts at least 1, positive finite spreads, and a clip size the VAE and the 2x2 patches divide."""
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.name in ("radius", "mode_std", "noise"):
+            if not 0 <= value < float("inf"):
+                raise UserError(f"{flag} {value}: must be a finite number >= 0")
+        elif isinstance(value, int) and f.name != "seed" and value < 1:
+            raise UserError(f"{flag} {value}: must be at least 1")
+    temporal = int(vae_cfg.get("scale_factor_temporal", 4))
+    if (cfg.num_frames - 1) % temporal:
+        raise UserError(f"num_frames {cfg.num_frames}: the VAE needs {temporal}k+1 frames")
+    spatial = int(vae_cfg.get("scale_factor_spatial", 8))
+    for key, patch in (("height", patch_size[1]), ("width", patch_size[2])):
+        if getattr(cfg, key) % (spatial * patch):
+            raise UserError(f"{key} {getattr(cfg, key)}: must be a multiple of {spatial * patch} "
+                            f"({spatial}x VAE, {patch}x patches)")
+
+
+def _vae_stats(model_dir: Path, flag: str = "--model") -> tuple[torch.Tensor, torch.Tensor, dict]:
+    cfg = require_components(model_dir, flag, ("vae", "text_encoder", "tokenizer"))["vae"]
+    mean, std, c = cfg.get("latents_mean"), cfg.get("latents_std"), cfg.get("z_dim", 16)
+    for key, value in (("latents_mean", mean), ("latents_std", std)):
+        if not (isinstance(value, list) and len(value) == c and all(isinstance(v, (int, float)) for v in value)):
+            raise UserError(f"{flag} {model_dir}: vae/config.json: {key} must be a list of {c} numbers (z_dim)")
+    if not all(0 < v < float("inf") for v in std):
+        raise UserError(f"{flag} {model_dir}: vae/config.json: latents_std must be positive numbers")
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32), cfg
+
+
+def make_toy_data(out_dir: str | Path, model_dir: str | Path, cfg: ToyDataConfig | None = None,
+                  overwrite: bool = False) -> Path:
     """Write the toy dataset (parquet files, text-only variant, validation prompts, mode centers)."""
+    from ds_distill.models.components import read_components, resolve_model_dir
+
+    cfg = cfg or ToyDataConfig()
+    model_dir = resolve_model_dir(str(model_dir), "ds-distill make-toy-data", "--model")
+    mean, std, vae_cfg = _vae_stats(model_dir)
+    check_toy_config(cfg, vae_cfg, read_components(model_dir).transformer_config.get("patch_size") or (1, 2, 2))
+    out = check_output_dir(out_dir, "make-toy-data OUT", overwrite, swap=True, replaceable=is_toy_dataset,
+                           what=f"a toy dataset (a folder with {MODES_FILE})")
+    with write_aside_then_swap(out) as new:
+        _write_toy_data(new, model_dir, cfg, mean, std, vae_cfg)
+    return out
+
+
+def _write_toy_data(out: Path, model_dir: Path, cfg: ToyDataConfig, mean: torch.Tensor, std: torch.Tensor,
+                    vae_cfg: dict) -> None:
     from safetensors.torch import save_file
 
     from ds_distill.models.wan import encode_prompts, latent_shape_for
     from ds_distill.utils.dataset_schema import T2V_SCHEMA, TEXT_ONLY_SCHEMA, tensor_to_bytes, torch_dtype
 
-    cfg = cfg or ToyDataConfig()
-    out, model_dir = Path(out_dir), Path(model_dir)
-    mean, std, vae_cfg = _vae_stats(model_dir)
     shape = latent_shape_for(vae_cfg, cfg.num_frames, cfg.height, cfg.width)
     dist = toy_distribution(len(TOY_CAPTIONS), shape, cfg)
     embeds = encode_prompts(model_dir, TOY_CAPTIONS, text_len=cfg.text_len)
@@ -204,23 +250,33 @@ def make_toy_data(out_dir: str | Path, model_dir: str | Path, cfg: ToyDataConfig
         str(out / MODES_FILE),
         metadata={"captions": json.dumps(dist.captions), "mode_std": str(cfg.mode_std), "text_len": str(cfg.text_len)},
     )
-    return out
 
 
 def load_toy_distribution(data_dir: str | Path) -> ToyDistribution:
     """The known distribution a toy dataset was drawn from."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(data_dir) / MODES_FILE), "pt") as f:
-        meta = f.metadata()
-        return ToyDistribution(f.get_tensor("centers"), f.get_tensor("planes"), f.get_tensor("modes"),
-                               float(meta["mode_std"]), json.loads(meta["captions"]))
+    from ds_distill.errors import DataError
+
+    path = Path(data_dir) / MODES_FILE
+    if not path.is_file():
+        raise DataError(f"{data_dir}: not a toy dataset (no {MODES_FILE}; make one with ds-distill make-toy-data)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            return ToyDistribution(f.get_tensor("centers"), f.get_tensor("planes"), f.get_tensor("modes"),
+                                   float(meta["mode_std"]), json.loads(meta["captions"]))
+    except Exception as exc:  # safetensors raises several types for a damaged file; all mean unreadable
+        raise DataError(f"{path}: not a readable toy-mode file ({type(exc).__name__}); rerun make-toy-data") from None
 
 
+@exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ds-distill make-toy-data OUT --model TINY_WAN."""
-    parser = argparse.ArgumentParser(prog="ds-distill make-toy-data", description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="output directory")
+    """CLI: ds-distill make-toy-data OUT --model TINY_WAN [--overwrite]."""
+    parser = ArgumentParser(prog="ds-distill make-toy-data", description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="output directory (refused when not empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing toy dataset (the new one is swapped in when complete)")
     parser.add_argument("--model", required=True, help="Wan directory whose text encoder and VAE stats to use")
     parser.add_argument("--rows-per-caption", type=int, default=ToyDataConfig.rows_per_caption)
     parser.add_argument("--modes", type=int, default=ToyDataConfig.modes)
@@ -235,6 +291,6 @@ def main(argv: list[str] | None = None) -> int:
         latent_dtype=args.latent_dtype,
         seed=args.seed,
     )
-    out = make_toy_data(args.out, args.model, cfg)
+    out = make_toy_data(args.out, args.model, cfg, overwrite=args.overwrite)
     print(f"toy dataset written to {out} (latents/, text_only/, validation.json, {MODES_FILE})")
     return 0
