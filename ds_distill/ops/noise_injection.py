@@ -149,8 +149,9 @@ def _verified(kind: str, module) -> str | None:
     """None if the `kind` kernel agrees with the reference (checked once per process), else what differed."""
     if kind not in _checks:
         device = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device("cpu")
-        try:
-            _self_check(module, device)
+        try:  # the first call may come from inside no_grad or inference_mode: the check needs autograd
+            with torch.inference_mode(False), torch.enable_grad():
+                _self_check(module, device)
         except Exception as err:  # a wrong or crashing kernel must not stop training
             logger.debug("the %s noise-injection kernel failed its self-check", kind, exc_info=True)
             _checks[kind] = _short(err)
