@@ -146,8 +146,10 @@ def format_table(rows: list[dict]) -> str:
 def check_model_arg(path: str, flag: str) -> None:
     """A Diffusers model folder or a checkpoint role folder, as load_transformer reads them."""
     p = Path(path)
-    if not p.is_dir():
+    if not p.exists():
         raise UserError(f"{flag} {p}: folder does not exist")
+    if not p.is_dir():
+        raise UserError(f"{flag} {p}: is a file; expected a model folder or a checkpoint role folder")
     if not ((p / "transformer" / "config.json").is_file() or (p / "config.json").is_file()
             or any(p.glob("*_model_states.pt"))):
         raise UserError(f"{flag} {p}: not a Diffusers model directory (transformer/config.json) or a checkpoint "

@@ -121,8 +121,9 @@ def check_rotary_range(prompts: list, vae_config: dict, transformer_config: dict
         for key, n in (("num_frames", ((p.num_frames - 1) // temporal + 1) // pt),
                        ("height", p.height // spatial // ph), ("width", p.width // spatial // pw)):
             if n > limit:
+                flag = "--" + key.replace("_", "-")
                 raise UserError(f"{source}: {p.where}.{key}: {getattr(p, key)} gives {n} latent patches, more than "
-                                f"the model's rotary range (rope_max_seq_len {limit})")
+                                f"the model's rotary range (rope_max_seq_len {limit}); use a smaller {flag}")
 
 
 def read_configs(model_dir: Path, flag: str):

@@ -106,6 +106,10 @@ def case_tiny_zero_layers(tmp, wan, toy):
     return ["make-tiny-wan", str(tmp / "new"), "--layers", "0"], ["--layers 0", "at least 1"]
 
 
+def case_tiny_odd_head_dim(tmp, wan, toy):
+    return ["make-tiny-wan", str(tmp / "new"), "--head-dim", "7"], ["--head-dim 7", "must be even"]
+
+
 def case_tiny_unknown_option(tmp, wan, toy):
     return ["make-tiny-wan", str(tmp / "new"), "--depth", "2"], ["unrecognized arguments: --depth 2", "--help"]
 

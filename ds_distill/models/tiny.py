@@ -98,6 +98,9 @@ def check_config(cfg: TinyWanConfig) -> None:
                 raise UserError(f"{name} {value}: must be a positive number")
         elif f.name != "seed" and value < 1:
             raise UserError(f"{name} {value}: must be at least 1")
+    if cfg.attention_head_dim % 2:
+        raise UserError(f"--head-dim {cfg.attention_head_dim}: must be even (the rotary embedding rotates channel "
+                        "pairs)")
 
 
 def make_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | None = None, overwrite: bool = False) -> Path:
