@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -65,6 +66,83 @@ def encode_prompts(model_dir: str | Path, prompts: list[str], text_len: int) -> 
     return PromptEncoder(model_dir)(prompts, text_len)
 
 
+def fp32_parameter_names(module: torch.nn.Module) -> list[str]:
+    """Parameters diffusers keeps in fp32 when this model is loaded in bf16: its `_keep_in_fp32_modules`, matched
+    against the dotted name's parts as diffusers matches them (Wan: time embedder, scale_shift_tables, norm2)."""
+    keep = getattr(type(module), "_keep_in_fp32_modules", None) or []
+    return [n for n, _ in module.named_parameters() if any(k in n.split(".") for k in keep)]
+
+
+def _fp32_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = layer.bias.float() if layer.bias is not None else None
+    return torch.nn.functional.linear(x.float(), layer.weight.float(), bias)
+
+
+def keep_diffusers_fp32(module: torch.nn.Module, fp32_storage: bool) -> list[str]:
+    """Make a (possibly ZeRO-3 partitioned) Wan transformer compute as diffusers runs it in bf16.
+
+    - The rotary tables are rebuilt outside zero.Init (inside it `torch.arange` yields the training dtype, which
+      rounds the frequencies; buffers are never partitioned).
+    - The time embedder runs in fp32 on the fp32 sinusoid. Diffusers casts its input to the embedder's parameter
+      dtype, fp32 there; with bf16 storage the input would be rounded first.
+    - With `fp32_storage`, the parameters of `fp32_parameter_names` are stored in fp32 (partition and placeholder).
+      Trainable roles keep bf16 storage: DeepSpeed's ZeRO-3 optimizer flattens a role's partitions into one
+      buffer of one dtype (its fp32 master copies hold the exact values); they are computed in fp32 all the same
+      (block scale/shift tables and norm2 already are in diffusers' code, the output table is seen as fp32).
+    Returns the names of the parameters stored in fp32.
+    """
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    rope = module.rope
+    fresh = WanRotaryPosEmbed(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
+    rope.freqs_cos = fresh.freqs_cos.to(rope.freqs_cos.device)
+    rope.freqs_sin = fresh.freqs_sin.to(rope.freqs_sin.device)
+
+    embedder = module.condition_embedder
+    sinusoid: list[torch.Tensor] = []
+
+    def keep_sinusoid(_mod, _args, output):
+        sinusoid[:] = [output]
+
+    def fp32_input(_mod, args):
+        x = sinusoid.pop().reshape(args[0].shape) if sinusoid else args[0]
+        return (x.float(), *args[1:])
+
+    embedder.timesteps_proj.register_forward_hook(keep_sinusoid)
+    embedder.time_embedder.register_forward_pre_hook(fp32_input)
+    for layer in (embedder.time_embedder.linear_1, embedder.time_embedder.linear_2):
+        layer.forward = partial(_fp32_linear, layer)
+
+    # The output scale_shift_table is added to the bf16 time embedding: in fp32 when it is stored in fp32. For bf16
+    # storage it is seen as an fp32 copy (autograd reaches the parameter) from after the condition embedder, when
+    # ZeRO-3 has gathered the root's own parameters, until the output projection.
+    upcast: list[torch.nn.Parameter] = []
+
+    def table_in_fp32(_mod, _args, _output):
+        table = module._parameters["scale_shift_table"]
+        if isinstance(table, torch.nn.Parameter) and table.dtype != torch.float32:
+            upcast[:] = [table]
+            module._parameters["scale_shift_table"] = table.float()
+
+    def table_back(_mod, _args):
+        if upcast:
+            module._parameters["scale_shift_table"] = upcast.pop()
+
+    embedder.register_forward_hook(table_in_fp32)
+    module.proj_out.register_forward_pre_hook(table_back)
+
+    names = fp32_parameter_names(module) if fp32_storage else []
+    params = dict(module.named_parameters())
+    for n in names:
+        p = params[n]
+        for attr in ("ds_tensor", "ds_secondary_tensor"):
+            part = getattr(p, attr, None)
+            if part is not None:
+                part.data = part.data.float()
+        p.data = p.data.float()
+    return names
+
+
 @register_family("wan")
 class WanFamily:
     """Loads Wan2.1 T2V roles (WanTransformer3DModel) and builds the Wan adapter and validator."""
@@ -77,16 +155,28 @@ class WanFamily:
         """Configs of a role's directory (no weights)."""
         return read_components(resolve_model_dir(path, source, key))
 
-    def load_transformer(self, comps: ModelComponents, strategy, ds_config: dict, use_zero_init: bool = True):
-        """Build the transformer partitioned at creation (zero.Init) and stream its weights in."""
+    def load_transformer(self, comps: ModelComponents, strategy, ds_config: dict, use_zero_init: bool = True,
+                         trainable: bool = True):
+        """Build the transformer partitioned at creation (zero.Init) and stream its weights in.
+
+        Diffusers' fp32 modules (see `keep_diffusers_fp32`) are computed in fp32 in every role; a frozen role built
+        under zero.Init also stores them in fp32, so it is the model `from_pretrained(torch_dtype=bf16)` gives.
+        """
         from diffusers import WanTransformer3DModel
 
         config = {k: v for k, v in comps.transformer_config.items() if not k.startswith("_")}
         if use_zero_init:
-            with strategy.zero_init(ds_config):
+            # DeepSpeed 0.19.8 takes memory_efficient_linear from the config (default true) over zero.Init's argument
+            # and then replaces torch.nn.functional.linear process-wide with a matmul and a separate bias add (two
+            # bf16 roundings), so every model in the process would stop computing as diffusers does.
+            zero_cfg = {**ds_config, "zero_optimization": {"memory_efficient_linear": False,
+                                                           **ds_config.get("zero_optimization", {})}}
+            with strategy.zero_init(zero_cfg):
                 module = WanTransformer3DModel.from_config(config)
         else:
             module = WanTransformer3DModel.from_config(config).to(strategy.param_dtype(ds_config))
+        keep_diffusers_fp32(module, fp32_storage=use_zero_init and not trainable
+                            and ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device") != "nvme")
         load_weights_streaming(module, transformer_dir(comps.path), strategy.dist.rank)
         return module
 
