@@ -110,9 +110,44 @@ def require_components(model_dir: Path, flag: str, parts: tuple[str, ...]) -> di
         if part == "tokenizer":
             continue
         configs[part] = read_json_object(sub / "config.json", flag)
-        if not any(sub.glob("*.safetensors")) and not any(sub.glob("*.safetensors.index.json")):
-            raise UserError(f"{flag} {model_dir}: {part}/ holds no .safetensors weights")
+        check_safetensors(sub, flag)
     return configs
+
+
+def check_safetensors(folder: Path, flag: str) -> None:
+    """A folder's safetensors weights exist and their headers cover the files (a truncated copy fails here, in
+    milliseconds, not after minutes of work); an index must name files that exist."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        weight_map = read_json_object(index, flag).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{flag}: {index} has no weight_map")
+        missing = sorted({v for v in weight_map.values() if not (folder / str(v)).is_file()})
+        if missing:
+            raise UserError(f"{flag}: {index} names {missing[0]}, which is missing ({len(missing)} shard(s))")
+    if not files:
+        raise UserError(f"{flag}: {folder} holds no .safetensors weights")
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as handle:
+                handle.keys()
+        except Exception as exc:  # SafetensorError, OSError: both mean a damaged or partial file
+            raise UserError(f"{flag}: {f} is not a readable safetensors file ({' '.join(str(exc).split())})") from None
+
+
+@contextmanager
+def loading(what: str, path: Path, flag: str) -> Iterator[None]:
+    """Around a `from_pretrained` of the user's files only: a damaged or mismatched file (diffusers, transformers
+    and safetensors raise many types for it) becomes one line naming the folder."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise UserError(f"{flag} {path}: cannot load the {what} ({type(exc).__name__}: {reason})") from None
 
 
 @contextmanager

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
 
-from ds_distill.cli import ArgumentParser, check_output_dir, read_json_object, require_components
+from ds_distill.cli import ArgumentParser, check_output_dir, loading, read_json_object, require_components
 from ds_distill.errors import DataError, UserError, exit_on_user_error
 
 # "." and "_" prefixes: pyarrow and Spark skip these when reading the folder as one dataset.
@@ -485,16 +485,25 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(os.path.expanduser(args.output))
     settings = {k: getattr(args, k) for k in SHAPING_SETTINGS}
     settings["model"] = str(model_dir.resolve())
-    if check_output(out, entries, settings, args.overwrite):
+    move = check_output(out, entries, settings, args.overwrite)
+    done = set() if move or not out.is_dir() else set(scan_parts(out)[1])
+    # Loaded before anything is written, so weights that do not load leave the output folder as it was.
+    enc = load_encoders(model_dir, args.device) if any(e.id not in done for e in entries) else None
+    if move:
         move_aside(out)
     writer = PartWriter(out, settings)
     try:
-        return _run(args, model_dir, entries, writer)
+        return _run(args, model_dir, enc, entries, writer)
     finally:
         writer.close()
 
 
-def _run(args, model_dir: Path, entries: list[VideoEntry], writer: PartWriter) -> int:
+def load_encoders(model_dir: Path, device: str) -> "Encoders":
+    with loading("VAE or text encoder", model_dir, "--model"):
+        return Encoders(model_dir, device)
+
+
+def _run(args, model_dir: Path, enc: "Encoders | None", entries: list[VideoEntry], writer: PartWriter) -> int:
     from tqdm import tqdm
 
     pending = [e for e in entries if e.id not in writer.done]
@@ -528,7 +537,8 @@ def _run(args, model_dir: Path, entries: list[VideoEntry], writer: PartWriter) -
     def load(entry: VideoEntry):
         return read_clip(entry.path, args.num_frames, args.fps, args.height, args.width)
 
-    enc = Encoders(model_dir, args.device) if pending else None
+    if pending and enc is None:  # rows vanished from the folder between the checks and taking its lock
+        enc = load_encoders(model_dir, args.device)
     bar = tqdm(total=len(pending), desc="preprocess", unit="video", dynamic_ncols=True,
                disable=os.environ.get("DS_DISTILL_NO_TQDM") == "1")
     try:

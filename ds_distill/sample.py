@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ds_distill.cli import ArgumentParser, check_output_dir, read_json_object, require_components
+from ds_distill.cli import ArgumentParser, check_output_dir, check_safetensors, loading, read_json_object, require_components
 from ds_distill.errors import UserError, exit_on_user_error
 
 logger = logging.getLogger("ds_distill")
@@ -239,9 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.components_from:
         fallback = resolve_model_dir(args.components_from, "ds-distill sample", "--components-from")
     comps = read_configs(model_dir, "--model")
-    weights = transformer_dir(model_dir)
-    if not any(weights.glob("*.safetensors")) and not any(weights.glob("*.safetensors.index.json")):
-        raise UserError(f"--model: {weights} holds no .safetensors transformer weights")
+    check_safetensors(transformer_dir(model_dir), "--model")
     vae_base = component_dir("vae", model_dir, fallback, "to decode videos")
     vae_config = require_components(vae_base, "--model" if vae_base == model_dir else "--components-from",
                                     ("vae",))["vae"]
@@ -272,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     uncond = None
     if text_base is not None:
-        encoder = PromptEncoder(text_base, device=device)
+        with loading("text encoder", text_base, "--model" if text_base == model_dir else "--components-from"):
+            encoder = PromptEncoder(text_base, device=device)
         embeddings = encoder([p.caption for p in todo] + ([args.negative_prompt] if guidance > 1.0 else []),
                              args.text_len)
         for p, emb in zip(todo, embeddings):
@@ -285,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     # -- transformer and sampling -------------------------------------------------------------------
     from diffusers import WanTransformer3DModel
 
-    transformer = WanTransformer3DModel.from_pretrained(str(transformer_dir(model_dir)), torch_dtype=dtype)
+    with loading("transformer", transformer_dir(model_dir), "--model"):
+        transformer = WanTransformer3DModel.from_pretrained(str(transformer_dir(model_dir)), torch_dtype=dtype)
     transformer = transformer.to(device).eval()
     denoiser = denoiser_from_module(transformer, dtype)
     results = []
@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     gc.collect()
 
     # -- decode and write ---------------------------------------------------------------------------
-    decoder = WanDecoder(vae_base, device=device)
+    with loading("VAE", vae_base / "vae", "--model" if vae_base == model_dir else "--components-from"):
+        decoder = WanDecoder(vae_base, device=device)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -218,6 +218,14 @@ def case_preprocess_model_without_tokenizer(tmp, wan, toy):
     return preprocess_argv(model, videos, captions, tmp / "out"), ["--model", "has no tokenizer/"]
 
 
+def case_preprocess_vae_weights_of_another_config(tmp, wan, toy):
+    videos, captions = videos_and_captions(tmp)
+    model = model_copy(wan, tmp)
+    config = json.loads((model / "vae" / "config.json").read_text())
+    (model / "vae" / "config.json").write_text(json.dumps({**config, "base_dim": 2 * config["base_dim"]}))
+    return preprocess_argv(model, videos, captions, tmp / "out"), ["--model", "cannot load the VAE or text encoder"]
+
+
 def case_preprocess_zero_rows_per_file(tmp, wan, toy):
     videos, captions = videos_and_captions(tmp)
     return preprocess_argv(wan, videos, captions, tmp / "out", "--rows-per-file", "0"), ["--rows-per-file 0"]
@@ -271,7 +279,23 @@ def case_sample_no_transformer_weights(tmp, wan, toy):
     model = model_copy(wan, tmp)
     for f in (model / "transformer").glob("*.safetensors"):
         f.unlink()
-    return sample_argv(model, tmp / "out", "--prompt", PROMPT, *SMALL), ["no .safetensors transformer weights"]
+    return sample_argv(model, tmp / "out", "--prompt", PROMPT, *SMALL), ["transformer holds no .safetensors weights"]
+
+
+def case_sample_truncated_vae_weights(tmp, wan, toy):
+    model = model_copy(wan, tmp)
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # a copy that stopped early
+    return sample_argv(model, tmp / "out", "--prompt", PROMPT, *SMALL), \
+        ["vae/diffusion_pytorch_model.safetensors", "not a readable safetensors file"]
+
+
+def case_toy_index_names_missing_shard(tmp, wan, toy):
+    model = model_copy(wan, tmp)
+    (model / "text_encoder" / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"shared.weight": "model-00001-of-00002.safetensors"}}))
+    return ["make-toy-data", str(tmp / "toy"), "--model", str(model)], \
+        ["model.safetensors.index.json", "model-00001-of-00002.safetensors", "missing"]
 
 
 def case_sample_timesteps_nan(tmp, wan, toy):
