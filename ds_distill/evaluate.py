@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ds_distill.cli import ArgumentParser, check_output_file, require_components
+from ds_distill.cli import ArgumentParser, check_output_file, check_safetensors, loading, require_components
 from ds_distill.errors import UserError, exit_on_user_error
 
 
@@ -126,7 +126,8 @@ def evaluate(specs: list[EvalSpec], data_dir: str | Path, base: str | Path | Non
     models: dict[str, torch.nn.Module] = {}
     for spec in specs:
         if spec.model not in models:
-            models[spec.model] = load_transformer(spec.model, base, ema=ema)
+            with loading("transformer", Path(spec.model), "--" + spec.label.split("@")[0]):
+                models[spec.model] = load_transformer(spec.model, base, ema=ema)
         samples, idx = sample_model(models[spec.model], spec, conds, uncond, per_caption, shape, flow_shift, seed)
         rows.append({"label": spec.label, **score_samples(samples, idx, dist)})
     return rows
@@ -150,8 +151,11 @@ def check_model_arg(path: str, flag: str) -> None:
         raise UserError(f"{flag} {p}: folder does not exist")
     if not p.is_dir():
         raise UserError(f"{flag} {p}: is a file; expected a model folder or a checkpoint role folder")
-    if not ((p / "transformer" / "config.json").is_file() or (p / "config.json").is_file()
-            or any(p.glob("*_model_states.pt"))):
+    if (p / "transformer" / "config.json").is_file():
+        check_safetensors(p / "transformer", flag)
+    elif (p / "config.json").is_file():
+        check_safetensors(p, flag)
+    elif not any(p.glob("*_model_states.pt")):
         raise UserError(f"{flag} {p}: not a Diffusers model directory (transformer/config.json) or a checkpoint "
                         "role folder (*_model_states.pt)")
 

@@ -460,3 +460,19 @@ def test_failed_generation_leaves_the_old_folder(tiny_wan, tmp_path, monkeypatch
         cli_main(["make-toy-data", str(toy), "--model", str(tiny_wan), "--overwrite"])
     assert files_of(toy) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["toy"]
+
+
+def test_eval_toy_json_is_kept_unless_overwrite(tiny_wan, toy_data, tmp_path, capsys):
+    rows = tmp_path / "rows.json"
+    argv = eval_argv(toy_data, tiny_wan, "--timesteps", "1000,500", "--json", str(rows))
+    assert cli_main(argv) == 0
+    first = json.loads(rows.read_text())
+    assert [r["label"] for r in first] == ["data", "teacher@50 ode", "teacher@2 sde"]
+    assert "teacher@2 sde" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli_main(argv)
+    assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert json.loads(rows.read_text()) == first
+    assert cli_main([*argv, "--overwrite", "--guidance", "2"]) == 0
+    second = json.loads(rows.read_text())
+    assert second[0] == first[0] and second[1] != first[1]  # the data row is the same; guided teacher is not
