@@ -1,5 +1,6 @@
-"""`ds-distill <command>`: one console script for every user-facing tool, and what the commands share:
-an argument parser whose mistakes are one line, and the output-folder rules of the generators.
+"""`ds-distill <command>`: one console script for every user-facing tool, and what the commands share: an
+argument parser whose mistakes are one line, the output-folder rules (generators never overwrite), and the checks
+of a model folder's components that run before anything is loaded or written.
 """
 from __future__ import annotations
 
@@ -154,8 +155,8 @@ def loading(what: str, path: Path, flag: str) -> Iterator[None]:
 def write_aside_then_swap(out: Path) -> Iterator[Path]:
     """Yield a new hidden sibling folder to write into. When the block ends without error the new folder takes
     `out`'s place and only then is the old one (moved aside first) removed, so `out` never holds a mix of old and
-    new files; on an error the new folder is removed and `out` is as it was."""
-    out = Path(out)
+    new files; on an error the new folder is removed and `out` is as it was. An empty `out` is kept and filled."""
+    out = Path(out).expanduser().absolute()  # `.` has no name to put a sibling beside
     out.parent.mkdir(parents=True, exist_ok=True)
     new = Path(tempfile.mkdtemp(prefix=f".{out.name}.new-", dir=out.parent))
     umask = os.umask(0)
@@ -166,6 +167,11 @@ def write_aside_then_swap(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(new, ignore_errors=True)
         raise
+    if out.is_dir() and not any(out.iterdir()):  # an empty folder (maybe someone's cwd): keep it, fill it
+        for child in new.iterdir():
+            os.rename(child, out / child.name)
+        new.rmdir()
+        return
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.rename(out, old)
