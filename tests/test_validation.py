@@ -236,3 +236,15 @@ def test_dmd2_validation_on_two_ranks_matches_the_sample_cli(tiny_wan, toy_data,
         ours = read_mp4(videos[i]).astype(np.int16)
         theirs = read_mp4(cli_out / videos[i].name).astype(np.int16)
         assert np.abs(ours - theirs).max() <= 2
+
+    # Each rank decoded and wrote the prompts it sampled (strided: 0 and 2 on rank 0, 1 on rank 1), and the video
+    # rank 1 decoded equals the one-process CLI's as well.
+    for step in (0, 1):
+        manifest = json.loads((out / "validation" / f"step-{step}" / "manifest.json").read_text())
+        assert [(v["file"], v["rank"]) for v in manifest["videos"]] == [(p.name, r) for p, r in zip(videos, [0, 1, 0])]
+    cli_small = tmp_path / "cli-small"
+    assert sample_main(["--model", str(tiny_wan), "--output-dir", str(cli_small), "--prompts-file", str(prompts),
+                        "--sampler", "sde", "--timesteps", "1000", "500", "--seed", "42", "--text-len", "16",
+                        "--height", "32", "--width", "48", "--num-frames", "9"]) == 0
+    ours = read_mp4(videos[1]).astype(np.int16)
+    assert np.abs(ours - read_mp4(cli_small / videos[1].name).astype(np.int16)).max() <= 2

@@ -27,6 +27,12 @@ def latent_shape_for(vae_config: dict, num_frames: int, height: int, width: int)
     return (c, (num_frames - 1) // t_scale + 1, height // s_scale, width // s_scale)
 
 
+def text_encoder_dtype(device: str | torch.device) -> torch.dtype:
+    """Training's text encoder precision: bf16 on accelerators (UMT5-XXL: ~11 GB instead of ~23 GB, as WanPipeline
+    runs it in bf16), fp32 on the CPU, where bf16 matmuls are slow on most processors."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
 class PromptEncoder:
     """The family's tokenizer + text encoder, as WanPipeline encodes prompts (padding stripped to real length)."""
 
@@ -34,10 +40,20 @@ class PromptEncoder:
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         model_dir = Path(model_dir)
+        self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
         self.encoder = UMT5EncoderModel.from_pretrained(model_dir / "text_encoder", torch_dtype=dtype).to(device)
         self.encoder.eval()
         self.device = device
+        self.dtype = dtype
+
+    def close(self) -> None:
+        """Free the encoder's weights (host or accelerator memory)."""
+        self.encoder = None
+        if torch.device(self.device).type != "cpu":
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().empty_cache()
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], text_len: int) -> list[torch.Tensor]:
@@ -190,7 +206,7 @@ class WanFamily:
         """The validator that renders videos with this family's pipeline."""
         from ds_distill.validators.wan import WanValidator
 
-        return WanValidator(comps, recipe, strategy, tracker)
+        return WanValidator(comps, recipe, strategy, tracker, prompt_source=self)
 
     def check_unconditional(self, comps: ModelComponents, training, source: str) -> None:
         """Preflight: the unconditional condition the recipe asks for can be made (no encoder is loaded)."""
@@ -230,7 +246,8 @@ class WanFamily:
     def unconditional_embedding(self, comps: ModelComponents, training, strategy, source: str) -> torch.Tensor:
         """The unconditional text condition [L, D]: zeros, a precomputed file, or the encoded negative prompt.
 
-        The text encoder (UMT5-XXL for real Wan) is loaded on rank 0 only, used once, and freed.
+        The text encoder (UMT5-XXL for real Wan) is loaded on rank 0 only (see `prompt_encoder`). With validation on,
+        it is kept for the validator's captions, which releases it; otherwise it is freed here.
         """
         self.check_unconditional(comps, training, source)
         if training.uncond_embedding == "zeros":
@@ -239,9 +256,26 @@ class WanFamily:
             return self._embedding_file(comps, training, source)
         emb = None
         if strategy.dist.is_main:
-            emb = PromptEncoder(comps.path)([training.negative_prompt], training.text_len)[0]
+            emb = self.prompt_encoder(comps, strategy.dist.device)([training.negative_prompt], training.text_len)[0]
+            if not training.log_validation:
+                self.release_prompt_encoder()
         return strategy.broadcast_object(emb)
 
-    def prompt_encoder(self, comps: ModelComponents) -> PromptEncoder:
-        """This family's text encoder (loaded on demand)."""
-        return PromptEncoder(comps.path)
+    def prompt_encoder(self, comps: ModelComponents, device: str | torch.device = "cpu") -> PromptEncoder:
+        """This family's text encoder, loaded once (in `text_encoder_dtype(device)`) and kept until
+        `release_prompt_encoder`: start-up's negative prompt and the validation captions share one load."""
+        current = getattr(self, "_prompt_encoder", None)
+        if current is None or current.model_dir != Path(comps.path) or current.device != device:
+            self.release_prompt_encoder()
+            logger.info("loading the text encoder of %s in %s on %s", comps.path,
+                        str(text_encoder_dtype(device)).replace("torch.", ""), device)
+            current = PromptEncoder(comps.path, device=device, dtype=text_encoder_dtype(device))
+            self._prompt_encoder = current
+        return current
+
+    def release_prompt_encoder(self) -> None:
+        """Free the text encoder if one is loaded."""
+        current = getattr(self, "_prompt_encoder", None)
+        if current is not None:
+            current.close()
+            self._prompt_encoder = None

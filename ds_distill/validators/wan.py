@@ -4,6 +4,8 @@ write mp4 files and TensorBoard videos. Method-agnostic: what to run comes from 
 Collectives: the role is called under no_grad, so ZeRO-3 gathers its weights on every forward -- every rank
 must make the same number of calls. Prompts are split across ranks and each rank's list is padded to the
 same length (the padding samples are thrown away); the call count per prompt depends only on the request.
+Each rank decodes and writes the videos it sampled; rank 0 writes the manifest and, when TensorBoard is on,
+logs the frames the other ranks send it.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 
 from ds_distill.errors import DataError, RecipeError
 from ds_distill.models.components import ModelComponents
-from ds_distill.models.wan import PromptEncoder, latent_shape_for
+from ds_distill.models.wan import latent_shape_for
 from ds_distill.samplers import initial_noise, sample_latents
 from ds_distill.validators.base import ValidationRequest
 from ds_distill.validators.prompts import ValidationPrompt, check_text_dim, load_prompts, pad_embedding, slugify
@@ -56,6 +58,14 @@ class WanDecoder:
         z = z / self.inv_std.to(z) + self.mean.to(z)
         video = self.vae.decode(z, return_dict=False)[0]
         return self.processor.postprocess_video(video, output_type="np")
+
+    def close(self) -> None:
+        """Free the VAE (host or accelerator memory)."""
+        self.vae = None
+        if self.device.type != "cpu":
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().empty_cache()
 
 
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -97,15 +107,17 @@ def check_video_sizes(prompts: list[ValidationPrompt], vae_config: dict, patch_s
 class WanValidator:
     """Renders the validation prompts with the method's requested sampler at a fixed seed.
 
-    Prompts are read (all ranks) and captions encoded (rank 0, then broadcast) once at construction; the VAE
-    is loaded once, on rank 0, at the first run. Videos land in `output_dir/validation/step-<N>/<i>-<slug>.mp4`
-    and in TensorBoard under `validation/<i>-<slug>`. Prompt i is seeded with `validation_seed + i`, so a video
-    does not depend on the number of ranks.
+    Prompts are read (all ranks) and captions encoded (rank 0, then broadcast) once at construction, with the
+    family's text encoder (`prompt_source`, shared with start-up's negative prompt and released here). Every rank
+    loads the VAE for a run, decodes its own videos and frees it. Videos land in
+    `output_dir/validation/step-<N>/<i>-<slug>.mp4` (written by the rank that sampled them) and in TensorBoard under
+    `validation/<i>-<slug>`. Prompt i is seeded with `validation_seed + i`, so a video does not depend on the
+    number of ranks.
     """
 
     fps = WAN_FPS
 
-    def __init__(self, comps: ModelComponents, recipe, strategy, tracker=None):
+    def __init__(self, comps: ModelComponents, recipe, strategy, tracker=None, prompt_source=None):
         t = recipe.training
         self.comps = comps
         self.strategy = strategy
@@ -116,7 +128,11 @@ class WanValidator:
         self.text_len = int(t.text_len)
         self.flow_shift = float(recipe.pipeline_config.flow_shift)
         self.scheduler_config = dict(comps.scheduler_config)
-        self.decoder: Optional[WanDecoder] = None
+        if prompt_source is None:
+            from ds_distill.models.wan import WanFamily
+
+            prompt_source = WanFamily()
+        self.prompt_source = prompt_source
         if not (comps.path / "vae" / "config.json").is_file():
             raise RecipeError(f"{recipe.source}: training.log_validation: {comps.path} has no vae/ to decode "
                               "validation videos")
@@ -132,7 +148,10 @@ class WanValidator:
         check_video_sizes(prompts, comps.vae_config, comps.transformer_config.get("patch_size"), self.prompts_file)
         text_dim = comps.transformer_config.get("text_dim", 4096)
         check_text_dim(prompts, text_dim, self.prompts_file)
-        self.prompts = self.encode_captions(prompts)
+        try:
+            self.prompts = self.encode_captions(prompts)
+        finally:
+            self.prompt_source.release_prompt_encoder()
         # Ranks with fewer prompts pad with the cheapest one (its video is thrown away).
         self.pad_index = min(range(len(prompts)), key=lambda i: prompts[i].height * prompts[i].width
                              * prompts[i].num_frames)
@@ -147,9 +166,9 @@ class WanValidator:
                             "text_encoder/; use a parquet prompts file with text_embedding_* columns")
         embeddings = None
         if self.dist.is_main:
-            # On the CPU, like the family's negative prompt: the engines already hold the accelerator's memory.
             try:
-                embeddings = PromptEncoder(self.comps.path)([prompts[i].caption for i in todo], self.text_len)
+                encoder = self.prompt_source.prompt_encoder(self.comps, self.dist.device)
+                embeddings = encoder([prompts[i].caption for i in todo], self.text_len)
             except Exception as exc:  # sent to every rank, so none waits in the broadcast below
                 embeddings = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         embeddings = self.strategy.broadcast_object(embeddings) if self.dist.world_size > 1 else embeddings
@@ -192,19 +211,10 @@ class WanValidator:
             guidance_scale=request.guidance_scale, uncond=uncond, scheduler_config=self.scheduler_config,
         )
 
-    def gather(self, mine: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """All ranks' latents on rank 0 (an empty dict elsewhere)."""
-        parts = self.strategy.gather_object(mine, dst=0)
-        if not self.dist.is_main:
-            return {}
-        merged: dict[int, torch.Tensor] = {}
-        for part in parts:
-            merged.update(part)
-        return merged
-
     # -- the run ----------------------------------------------------------------------------------
     def run(self, method, step: int) -> list[Path]:
-        """Collective: every rank samples its share; rank 0 decodes and writes. Returns the written files."""
+        """Collective: every rank samples, decodes and writes its share; rank 0 writes the manifest and the
+        TensorBoard videos. Returns the files this rank wrote."""
         started = time.perf_counter()
         request = method.validation_request()
         role = method.validation_role()
@@ -218,42 +228,62 @@ class WanValidator:
                 for index in self.assignment():
                     latents = self.sample_one(index, request, role, method.adapter)
                     if index is not None:
-                        mine[index] = latents.cpu()
+                        mine[index] = latents
         finally:
             role.module.train(was_training)
-        latents = self.gather(mine)
-        if not self.dist.is_main:
-            return []
-        paths = self.write(latents, step, request, ema is not None)
-        logger.info("validation at step %d: %d videos (%s, %s%s) in %.1f s -> %s", step, len(paths),
-                    request.sampler_kind, describe_schedule(request), ", EMA weights" if ema is not None else "",
-                    time.perf_counter() - started, paths[0].parent if paths else self.output_dir)
+        # Rank 0 alone knows whether TensorBoard is on (the other ranks' trackers are off).
+        to_tracker = self.tracker is not None and self.tracker.enabled
+        if self.dist.world_size > 1:
+            to_tracker = self.strategy.broadcast_object(to_tracker)
+        folder = self.output_dir / f"step-{step}"
+        paths, entries = self.decode_and_write(mine, folder, to_tracker)
+        logger.info("validation at step %d: rank %d decoded prompt(s) %s", step, self.dist.rank, sorted(mine))
+        parts = self.strategy.gather_object(entries, dst=0)
+        if self.dist.is_main:
+            entries = sorted((e for part in parts for e in part), key=lambda e: e["index"])
+            self.write_manifest(folder, entries, step, request, ema is not None)
+            logger.info("validation at step %d: %d videos (%s, %s%s) on %d rank(s) in %.1f s -> %s", step,
+                        len(entries), request.sampler_kind, describe_schedule(request),
+                        ", EMA weights" if ema is not None else "", self.dist.world_size,
+                        time.perf_counter() - started, folder)
         return paths
 
-    def write(self, latents: dict[int, torch.Tensor], step: int, request: ValidationRequest, ema: bool) -> list[Path]:
-        """Decode on rank 0; write mp4 files, TensorBoard videos and a manifest of what was sampled."""
-        if self.decoder is None:
-            self.decoder = WanDecoder(self.comps.path, device=self.dist.device)
-        folder = self.output_dir / f"step-{step}"
+    def decode_and_write(self, latents: dict[int, torch.Tensor], folder: Path, to_tracker: bool):
+        """Load the VAE on this rank's device, decode and write this rank's videos, free the VAE.
+        Returns the written paths and one manifest entry per video (with its frames when rank 0 logs them)."""
         folder.mkdir(parents=True, exist_ok=True)
-        paths, manifest = [], []
-        for index in sorted(latents):
-            prompt = self.prompts[index]
-            name = f"{index}-{slugify(prompt.caption)}"
-            frames = frames_to_uint8(self.decoder.decode(latents[index])[0])
-            paths.append(write_mp4(folder / f"{name}.mp4", frames, self.fps))
-            if self.tracker is not None:
-                self.tracker.log_video(f"validation/{name}", frames, step, fps=self.fps)
-            manifest.append({"file": f"{name}.mp4", "caption": prompt.caption, "seed": self.seed + index,
-                             "height": prompt.height, "width": prompt.width, "num_frames": prompt.num_frames})
+        paths, entries = [], []
+        decoder = WanDecoder(self.comps.path, device=self.dist.device) if latents else None
+        try:
+            for index in sorted(latents):
+                prompt = self.prompts[index]
+                name = f"{index}-{slugify(prompt.caption)}"
+                frames = frames_to_uint8(decoder.decode(latents[index])[0])
+                paths.append(write_mp4(folder / f"{name}.mp4", frames, self.fps))
+                entries.append({"index": index, "file": f"{name}.mp4", "caption": prompt.caption,
+                                "seed": self.seed + index, "height": prompt.height, "width": prompt.width,
+                                "num_frames": prompt.num_frames, "rank": self.dist.rank,
+                                "frames": frames if to_tracker else None})
+        finally:
+            if decoder is not None:
+                decoder.close()
+        return paths, entries
+
+    def write_manifest(self, folder: Path, entries: list[dict], step: int, request: ValidationRequest,
+                       ema: bool) -> None:
+        """Rank 0: TensorBoard videos and a manifest of what was sampled (and which rank decoded it)."""
+        for e in entries:
+            frames = e.pop("frames")
+            if frames is not None and self.tracker is not None:
+                self.tracker.log_video(f"validation/{Path(e['file']).stem}", frames, step, fps=self.fps)
         steps = len(request.sampling_timesteps) if request.sampling_timesteps is not None else request.sampling_steps
         meta = {"step": step, "sampler_kind": request.sampler_kind, "sampling_steps": steps,
                 "sampling_timesteps": request.sampling_timesteps, "guidance_scale": request.guidance_scale,
-                "flow_shift": self.flow_shift, "ema": ema, "videos": manifest}
+                "flow_shift": self.flow_shift, "ema": ema,
+                "videos": [{k: v for k, v in e.items() if k != "index"} for e in entries]}
         (folder / "manifest.json").write_text(json.dumps(meta, indent=2))
         if self.tracker is not None:
             self.tracker.flush()
-        return paths
 
 
 def describe_schedule(request: ValidationRequest) -> str:
