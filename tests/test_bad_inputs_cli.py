@@ -407,7 +407,10 @@ def files_of(folder: Path) -> dict[str, str]:
 
 def test_make_tiny_wan_overwrite_swaps_in_exactly_the_new_model(tmp_path, capsys):
     model, fresh = tmp_path / "model", tmp_path / "fresh"
+    model.mkdir()  # an existing empty folder is no obstacle, and stays the same folder (a shell may be in it)
+    inode = model.stat().st_ino
     assert cli_main(["make-tiny-wan", str(model), "--layers", "1"]) == 0
+    assert model.stat().st_ino == inode and (model / "model_index.json").is_file()
     # What a sharded save of another model leaves behind; none of it may survive --overwrite.
     (model / "transformer" / "diffusion_pytorch_model.safetensors.index.json").write_text('{"weight_map": {}}')
     (model / "transformer" / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"old shard")
