@@ -100,6 +100,17 @@ def check_recipe(recipe) -> CheckedRecipe:
             raise RecipeError(f"{src}: training.{key}: must not be negative")
     if t.learning_rate <= 0:
         raise RecipeError(f"{src}: training.learning_rate: must be positive")
+    if not t.output_dir.strip():
+        raise RecipeError(f"{src}: training.output_dir: must name a folder (an empty value would write into the "
+                          f"current directory)")
+    for key in ("num_frames", "height", "width"):
+        if getattr(t, key) < 1:
+            raise RecipeError(f"{src}: training.{key}: must be at least 1")
+    if t.preemption_grace_s <= 0:
+        raise RecipeError(f"{src}: training.preemption_grace_s: must be positive (seconds a preempted run may "
+                          f"spend finishing its step and saving)")
+    if recipe.pipeline_config.flow_shift <= 0:
+        raise RecipeError(f"{src}: pipeline_config.flow_shift: must be positive (Wan uses 3.0 at 480p, 5.0 at 720p)")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise RecipeError(f"{src}: training.betas: expected two numbers in [0, 1)")
     if t.log_validation and not t.validation_dataset_file:
@@ -148,6 +159,8 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
                 world_size=world,
                 precision=t.mixed_precision,
                 max_grad_norm=checked.method_cls.optimizer_spec(name, checked.method_config, t).max_grad_norm,
+                grad_reduce_dtype=t.grad_reduce_dtype,
+                where=f"{src}: roles.{name}.ds_config" if spec.ds_config else f"{src}: training.ds_config",
             )
             if load_universal:  # resuming a checkpoint written with another number of ranks
                 cfg.setdefault("checkpoint", {})["load_universal"] = True

@@ -29,8 +29,20 @@ class TrainingAborted(UserError):
     exit_code = 3
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT (Ctrl-C) before training started: nothing to save; one line, exit 128 + signal."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name} before training started; nothing was "
+                         f"saved or changed")
+
+
 def exit_on_user_error(fn):
-    """Decorate a CLI `main`: a UserError prints `error: <message>` on stderr and exits 2."""
+    """Decorate a CLI `main`: a UserError prints `error: <message>` on stderr and exits 2; an interrupt before
+    any work prints one line and exits 130 (Ctrl-C) or 143 (SIGTERM), without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -40,5 +52,11 @@ def exit_on_user_error(fn):
             message = " ".join(str(exc).split("\n"))
             print(f"error: {message}", file=sys.stderr, flush=True)
             sys.exit(getattr(exc, "exit_code", USAGE_EXIT_CODE))
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C)", file=sys.stderr, flush=True)
+            sys.exit(130)
+        except Interrupted as exc:
+            print(str(exc), file=sys.stderr, flush=True)
+            sys.exit(exc.exit_code)
 
     return wrapper

@@ -1,17 +1,27 @@
-"""Preflight: everything a user can get wrong is found before any process group or engine exists.
+"""Preflight: everything a user can get wrong is found before any process group or engine exists, and before
+anything is written to the output folder.
 
-Role folders, DeepSpeed templates, data (readable, schema-valid, first row of every file decodable, shapes that
-fit the model), validation prompts, the output folder (writable, room for a checkpoint), and the checkpoint to
-resume (complete, same method and roles). Each problem is one UserError line naming the file and the key.
+Role folders (config JSON, safetensors headers and shard index complete, weights that fit the config), DeepSpeed
+templates, sizes the method generates at, data (readable, schema-valid, a sample of rows decoded and finite, latent
+shapes consistent), validation prompts, the output folder (writable, room for a checkpoint, not held by another
+run, empty unless resuming) and the checkpoint to resume (complete, same method, roles and parameter shapes).
+Each problem is one UserError line naming the file and the key. Nothing here writes.
 """
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
+import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ds_distill.errors import CheckpointError, DataError, RecipeError
+from ds_distill.errors import CheckpointError, DataError, RecipeError, UserError
+
+SAMPLE_ROWS = 32
+"""Rows decoded per dataset beyond the first and last row of every file (spread over all files, seeded)."""
 
 
 @dataclass
@@ -22,23 +32,44 @@ class Preflight:
     components: dict
     resume_path: Path | None
     resume_state: dict | None
+    seconds: float = 0.0
+    """How long the checks took (reported next to the start-up time)."""
 
 
-def check_output_dir(path: Path, source: str, need_bytes: int) -> None:
-    """The output folder must be creatable, writable, and have room for one more checkpoint."""
+# ----------------------------------------------------------------------------------------------
+# Output folder
+
+
+def existing_ancestor(path: Path) -> Path:
+    """The folder itself, or the nearest parent that exists (where it would be created)."""
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path: Path, source: str, need_bytes: int, resume: str | None, overwrite: bool) -> None:
+    """The output folder must be creatable, writable, have room for a checkpoint, be free of another live run,
+    and hold no earlier run unless resuming (or `--overwrite`). Read-only."""
+    from ds_distill.utils import checkpoint as ckpt
+
     if path.exists() and not path.is_dir():
         raise RecipeError(f"{source}: training.output_dir: {path} exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise RecipeError(f"{source}: training.output_dir: {path} is not writable ({exc.strerror})") from None
-    free = shutil.disk_usage(path).free
+    base = existing_ancestor(path)
+    if not base.is_dir():
+        raise RecipeError(f"{source}: training.output_dir: {base} is not a folder, {path} cannot be created there")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise RecipeError(f"{source}: training.output_dir: {path} is not writable (no write permission on {base})")
+    free = shutil.disk_usage(base).free
     if free < need_bytes:
         raise RecipeError(f"{source}: training.output_dir: {path} has {free / 2**30:.2f} GiB free, a checkpoint "
                           f"needs about {need_bytes / 2**30:.2f} GiB; free space or choose another folder")
+    ckpt.check_lock(path)
+    contents = ckpt.run_contents(path)
+    if contents and not resume and not overwrite:
+        shown = ", ".join(contents[:3]) + (", ..." if len(contents) > 3 else "")
+        raise CheckpointError(f"{path}: training.output_dir holds an earlier run ({shown}); continue it with "
+                              f"--resume latest, move it aside with --overwrite, or choose another output_dir")
 
 
 def checkpoint_bytes(components: dict, recipe, ema: bool) -> int:
@@ -47,45 +78,205 @@ def checkpoint_bytes(components: dict, recipe, ema: bool) -> int:
     for name, spec in recipe.roles.items():
         if not spec.trainable:
             continue
-        numel = transformer_numel(components[name].transformer_config)
+        numel = sum(s.numel() for s in meta_shapes(components[name].transformer_config).values())
         per = 4 * 3 + (2 if recipe.training.mixed_precision == "bf16" else 4) + (4 if ema and name == "student" else 0)
         total += numel * per
     return int(total * 1.1)
 
 
-def transformer_numel(config: dict) -> int:
-    """Parameter count of a Wan transformer from its config (no weights loaded)."""
+_META_CACHE: dict[str, dict] = {}
+
+
+def meta_shapes(config: dict) -> dict:
+    """{parameter or buffer name: torch.Size} of a Wan transformer built from its config on the meta device."""
     import torch
     from diffusers import WanTransformer3DModel
 
-    with torch.device("meta"):
-        model = WanTransformer3DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
-    return sum(p.numel() for p in model.parameters())
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key not in _META_CACHE:
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        shapes = {n: p.shape for n, p in model.named_parameters()}
+        _META_CACHE[key] = shapes
+    return _META_CACHE[key]
 
 
-def check_data_fits_model(dataset, components: dict, recipe, need_latents: bool) -> None:
-    """Every file's first row decodes, and its latent/text shapes fit the student's transformer."""
+def transformer_numel(config: dict) -> int:
+    """Parameter count of a Wan transformer from its config (no weights loaded)."""
+    return sum(s.numel() for s in meta_shapes(config).values())
+
+
+# ----------------------------------------------------------------------------------------------
+# Model folders
+
+
+def safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size (no tensor is read)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8:
+                raise ValueError(f"header claims {n} bytes, the file has {size}")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({exc}); re-download or re-export it") from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise UserError(f"{path}: truncated: its tensors need {8 + n + end} bytes, the file has {size} "
+                        f"(an interrupted copy?); copy it again")
+    return header
+
+
+def check_weights(folder: Path, config: dict, key: str, source: str) -> None:
+    """config.json and safetensors complete: the shard index names files that exist, every header reads, every
+    tensor the model needs is there with the right shape."""
+    from ds_distill.models.components import WEIGHT_INDEX_SUFFIX
+
+    if not config:
+        raise RecipeError(f"{source}: {key}: {folder}/config.json is missing or empty")
+    index = sorted(folder.glob(f"*{WEIGHT_INDEX_SUFFIX}"))
+    if index:
+        try:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, OSError) as exc:
+            raise UserError(f"{index[0]}: not a readable shard index ({type(exc).__name__}: {exc})") from None
+        files = sorted(set(weight_map.values()))
+        for fname in files:
+            if not (folder / fname).is_file():
+                raise UserError(f"{index[0]}: names shard {fname}, which is not in {folder} (incomplete download?)")
+        names = {}
+        for fname in files:
+            header = safetensors_header(folder / fname)
+            for n, v in header.items():
+                if n != "__metadata__":
+                    names[n] = (v.get("shape"), folder / fname)
+        for n, fname in weight_map.items():
+            if n not in names:
+                raise UserError(f"{index[0]}: names {n!r} in {fname}, which that shard does not hold")
+    else:
+        singles = sorted(folder.glob("*.safetensors"))
+        if not singles:
+            raise UserError(f"{folder}: no .safetensors weights found (pickled .bin weights are not loaded)")
+        names = {}
+        for f in singles:
+            for n, v in safetensors_header(f).items():
+                if n != "__metadata__":
+                    names[n] = (v.get("shape"), f)
+    try:
+        expected = meta_shapes(config)
+    except Exception as exc:  # diffusers refuses a config: name the file
+        raise RecipeError(f"{source}: {key}: {folder}/config.json does not describe a Wan transformer "
+                          f"({type(exc).__name__}: {exc})") from None
+    missing = [n for n in expected if n not in names]
+    if missing:
+        raise UserError(f"{folder}: weights for {missing[0]!r} are missing ({len(missing)} parameters)")
+    for n, want in expected.items():
+        shape, f = names[n]
+        if list(shape) != list(want):
+            raise UserError(f"{f}: {n} has shape {list(shape)}, config.json says {list(want)} "
+                            f"(config.json and weights disagree)")
+
+
+def check_template(cfg, path_key: str, source: str) -> None:
+    """A DeepSpeed template must be a JSON object with an object `zero_optimization` (the stage of trainable
+    roles' templates is checked by `load_template`)."""
+    if not isinstance(cfg, dict):
+        raise RecipeError(f"{source}: {path_key}: the DeepSpeed template must be a JSON object")
+    if not isinstance(cfg.get("zero_optimization", {}), dict):
+        raise RecipeError(f"{source}: {path_key}: zero_optimization must be a JSON object")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sizes and data
+
+
+def generates_at_size(checked) -> bool:
+    """Whether the method makes latents of training.num_frames/height/width itself (not from data)."""
+    hook = getattr(checked.method_cls, "generates_at_size", None)
+    if hook is not None:
+        return bool(hook(checked.method_config))
+    return not checked.method_cls.needs_latents(checked.method_config)
+
+
+def check_sizes(recipe, comps, source: str) -> tuple[int, int, int, int]:
+    """training.num_frames/height/width as the sampler checks them: 4k+1 frames, multiples of the VAE stride x
+    patch, within the rotary range. Returns the latent shape [C, T, H, W] they give."""
+    from ds_distill.models.wan import latent_shape_for
+
+    t, cfg = recipe.training, comps.transformer_config
+    spatial = int(comps.vae_config.get("scale_factor_spatial", 8))
+    temporal = int(comps.vae_config.get("scale_factor_temporal", 4))
+    pt, ph, pw = list(cfg.get("patch_size") or (1, 2, 2))[:3]
+    if (t.num_frames - 1) % temporal:
+        raise RecipeError(f"{source}: training.num_frames: {t.num_frames} is not {temporal}*k+1 "
+                          f"(e.g. {(t.num_frames - 1) // temporal * temporal + 1})")
+    for key, multiple in (("height", spatial * ph), ("width", spatial * pw)):
+        value = getattr(t, key)
+        if value % multiple:
+            raise RecipeError(f"{source}: training.{key}: {value} is not a multiple of {multiple} (VAE stride "
+                              f"{spatial} x patch {multiple // spatial})")
+    shape = latent_shape_for(comps.vae_config, t.num_frames, t.height, t.width)
+    if "in_channels" in cfg:
+        shape = (int(cfg["in_channels"]), *shape[1:])
+    rope = int(cfg.get("rope_max_seq_len", 1024))
+    for key, n, p in (("num_frames", shape[1], pt), ("height", shape[2], ph), ("width", shape[3], pw)):
+        if -(-n // p) > rope:
+            raise RecipeError(f"{source}: training.{key}: gives {-(-n // p)} patches along that axis, beyond the "
+                              f"model's rotary range (rope_max_seq_len {rope})")
+    return tuple(shape)
+
+
+def sample_indices(dataset, count: int, seed: int = 0) -> list[int]:
+    """The first and last row of every file, plus `count` rows drawn across the whole dataset."""
+    picked = set()
+    for start, info in zip(dataset._starts, dataset.files):
+        picked.update((start, start + info.rows - 1))
+    rng = random.Random(seed)
+    picked.update(rng.sample(range(len(dataset)), min(count, len(dataset))))
+    return sorted(picked)
+
+
+def check_data_fits_model(dataset, components: dict, recipe, need_latents: bool,
+                          generated: tuple | None = None) -> None:
+    """A sample of rows decodes and is finite; text dims, latent channels and shapes fit the student's transformer
+    and each other (and the generated size where the method generates at training.num_frames/height/width)."""
     cfg = components["student" if "student" in components else next(iter(components))].transformer_config
     src = recipe.training.data_path
     channels, text_dim = cfg.get("in_channels"), cfg.get("text_dim")
     patch = cfg.get("patch_size", [1, 2, 2])
-    for i, start in enumerate(dataset._starts):
-        path = dataset.files[i].path
-        row = dataset[start]
+    first_shape = None
+    for index in sample_indices(dataset, SAMPLE_ROWS, recipe.training.seed):
+        path, local = dataset.locate(index)
+        row = dataset[index]
         d = row["text_embedding"].shape[-1]
         if text_dim is not None and d != text_dim:
             raise DataError(f"{path}: text_embedding_shape: embeddings have dim {d}, the model's text_dim is "
                             f"{text_dim} (data made by another text encoder?)")
-        if need_latents:
-            shape = list(row["vae_latent"].shape)
-            if len(shape) != 4:
-                raise DataError(f"{path}: vae_latent_shape: expected [C, T, H, W], got {shape}")
-            if channels is not None and shape[0] != channels:
-                raise DataError(f"{path}: vae_latent_shape: latents have {shape[0]} channels, the model expects "
-                                f"{channels} (data made by another VAE?)")
-            for dim, p, name in zip(shape[1:], patch, ("T", "H", "W")):
-                if dim % p:
-                    raise DataError(f"{path}: vae_latent_shape: {name}={dim} is not a multiple of the patch size {p}")
+        if not need_latents:
+            continue
+        shape = list(row["vae_latent"].shape)
+        if len(shape) != 4:
+            raise DataError(f"{path}: vae_latent_shape: expected [C, T, H, W], got {shape}")
+        if channels is not None and shape[0] != channels:
+            raise DataError(f"{path}: vae_latent_shape: latents have {shape[0]} channels, the model expects "
+                            f"{channels} (data made by another VAE?)")
+        for dim, p, name in zip(shape[1:], patch, ("T", "H", "W")):
+            if dim % p:
+                raise DataError(f"{path}: vae_latent_shape: {name}={dim} is not a multiple of the patch size {p}")
+        if first_shape is None:
+            first_shape = (shape, path, local)
+        elif shape != first_shape[0]:
+            raise DataError(f"{path}: row {local}: vae_latent_shape {shape} differs from {first_shape[0]} "
+                            f"({first_shape[1]} row {first_shape[2]}); one run needs one latent size")
+        if generated is not None and tuple(shape) != tuple(generated):
+            t = recipe.training
+            raise DataError(f"{path}: row {local}: vae_latent_shape {shape}, but the method generates "
+                            f"{list(generated)} (training.num_frames={t.num_frames}, height={t.height}, "
+                            f"width={t.width}); set them to the size the data was encoded at")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = recipe.training.train_batch_size * world
     if len(dataset) < global_batch:
@@ -93,10 +284,32 @@ def check_data_fits_model(dataset, components: dict, recipe, need_latents: bool)
                         f"({recipe.training.train_batch_size} per rank x {world} ranks); lower train_batch_size")
 
 
-def check_resume(output_dir: Path, resume: str, recipe) -> tuple[Path | None, dict | None]:
-    """The checkpoint to resume: complete, and written by this method for these trainable roles."""
-    import json
+# ----------------------------------------------------------------------------------------------
+# Resume
 
+
+def checkpoint_shapes(role_dir: Path) -> dict | None:
+    """{parameter name: shape} recorded in a role's DeepSpeed model states (None when not recorded)."""
+    import torch
+
+    files = sorted(role_dir.glob("*_model_states.pt"))
+    try:
+        states = torch.load(files[0], map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign pickle
+        raise CheckpointError(f"{files[0]}: --resume: unreadable model states ({type(exc).__name__}); "
+                              f"use another checkpoint") from None
+    groups = states.get("param_shapes") if isinstance(states, dict) else None
+    if not groups:
+        return None
+    out = {}
+    for g in groups if isinstance(groups, list) else [groups]:
+        out.update({k: list(v) for k, v in g.items()})
+    return out
+
+
+def check_resume(output_dir: Path, resume: str, recipe, components: dict) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume: complete, written by this method for these trainable roles, with parameters of
+    the shapes the recipe's models have."""
     from ds_distill.utils import checkpoint as ckpt
 
     path = ckpt.find_resume_checkpoint(output_dir, resume)
@@ -116,35 +329,58 @@ def check_resume(output_dir: Path, resume: str, recipe) -> tuple[Path | None, di
     for role in have:
         if not any((path / role).glob("*_model_states.pt")):
             raise CheckpointError(f"{path}/{role}: --resume: no DeepSpeed model states (incomplete copy?)")
+        saved = checkpoint_shapes(path / role)
+        if saved is None:
+            continue
+        expected = {n: list(s) for n, s in meta_shapes(components[role].transformer_config).items()}
+        # Shapes that differ first (the telling line), then parameters one side lacks.
+        for n in sorted(expected, key=lambda n: (n not in saved, n)):
+            if saved.get(n) != expected[n]:
+                got = saved.get(n, "missing")
+                raise CheckpointError(f"{path}/{role}: --resume: {n} is {got} in the checkpoint, {expected[n]} "
+                                      f"in {recipe.roles[role].path} (written by a model of another shape)")
     return path, state
 
 
-def run(recipe, checked, resume: str | None) -> Preflight:
-    """All checks, in the order a user would fix them."""
+# ----------------------------------------------------------------------------------------------
+
+
+def run(recipe, checked, resume: str | None, overwrite: bool = False) -> Preflight:
+    """All checks, in the order a user would fix them. Writes nothing."""
     from ds_distill.dispatch import get_family
     from ds_distill.engines import load_template
+    from ds_distill.models.components import transformer_dir
     from ds_distill.utils.config import resolve_path
     from ds_distill.utils.dataloader import ParquetDataset
 
+    started = time.perf_counter()
     src, t = recipe.source, recipe.training
-    components = {}
+    components, weights_checked = {}, set()
     for name, spec in recipe.roles.items():
-        components[name] = get_family(spec.family, src)().components(spec.path, src, f"roles.{name}.path")
+        key = f"roles.{name}.path"
+        components[name] = get_family(spec.family, src)().components(spec.path, src, key)
+        folder = transformer_dir(components[name].path)
+        if folder not in weights_checked:
+            check_weights(folder, components[name].transformer_config, key, src)
+            weights_checked.add(folder)
         default = t.ds_config if spec.trainable else t.ds_config_inference
-        load_template(spec.ds_config or default, src, f"roles.{name}.ds_config" if spec.ds_config else
-                      ("training.ds_config" if spec.trainable else "training.ds_config_inference"))
+        tkey = f"roles.{name}.ds_config" if spec.ds_config else \
+            ("training.ds_config" if spec.trainable else "training.ds_config_inference")
+        check_template(load_template(spec.ds_config or default, src, tkey), tkey, src)
+        load_template(spec.ds_config or default, src, tkey, trainable=spec.trainable)  # ZeRO stage 3 if trainable
     main_role = "student" if "student" in components else next(iter(components))
     get_family(recipe.recipe.family, src)().check_unconditional(components[main_role], t, src)
+    generated = check_sizes(recipe, components[main_role], src) if generates_at_size(checked) else None
     need_latents = checked.method_cls.needs_latents(checked.method_config)
     dataset = ParquetDataset(t.data_path, t.text_len, need_latents)
-    check_data_fits_model(dataset, components, recipe, need_latents)
+    check_data_fits_model(dataset, components, recipe, need_latents, generated)
     if t.log_validation:
         from ds_distill.validators.prompts import load_prompts
 
         load_prompts(resolve_path(t.validation_dataset_file, recipe))
     ema = bool(getattr(checked.method_config, "ema_decay", 0))
     output_dir = Path(t.output_dir)
-    check_output_dir(output_dir, src, checkpoint_bytes(components, recipe, ema))
-    resume_path, state = check_resume(output_dir, resume, recipe) if resume else (None, None)
-    return Preflight(dataset=dataset, components=components, resume_path=resume_path, resume_state=state)
-
+    check_output_dir(output_dir, src, checkpoint_bytes(components, recipe, ema), resume, overwrite)
+    resume_path, state = check_resume(output_dir, resume, recipe, components) if resume else (None, None)
+    return Preflight(dataset=dataset, components=components, resume_path=resume_path, resume_state=state,
+                     seconds=time.perf_counter() - started)

@@ -4,8 +4,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,6 +24,81 @@ logger = logging.getLogger("ds_distill")
 def count_params(module: torch.nn.Module) -> int:
     """Full parameter count, also for ZeRO-3 partitioned modules."""
     return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+
+
+class Preemption:
+    """SIGTERM / SIGINT handling. Before training (`deferred=False`) a signal ends the run at once: there is
+    nothing to save. During training it is only noted; after each step the ranks agree (one all-reduce) whether
+    any of them got one, and all stop at that same step, save and exit 143 / 130. A grace timer, started at the
+    first signal (or when a rank learns of it), caps that: past `grace_s` the process exits without finishing the
+    save, which leaves the last complete checkpoint in charge. A second Ctrl-C exits at once."""
+
+    CODES = {signal.SIGTERM: 143, signal.SIGINT: 130}
+
+    def __init__(self, grace_s: float, on_force_exit: Callable[[], None] | None = None):
+        self.grace_s = grace_s
+        self.on_force_exit = on_force_exit
+        self.received: int | None = None
+        self.deferred = False
+        self.timer: threading.Timer | None = None
+        self._previous: dict = {}
+
+    def install(self) -> None:
+        for sig in self.CODES:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, old in self._previous.items():
+            signal.signal(sig, old)
+        self._previous = {}
+        if self.timer is not None:
+            self.timer.cancel()
+
+    @staticmethod
+    def _say(text: str) -> None:
+        os.write(2, (text + "\n").encode())  # safe inside a signal handler, unlike print
+
+    def _handle(self, signum: int, frame) -> None:
+        from ds_distill.errors import Interrupted
+
+        if not self.deferred:
+            raise Interrupted(signum)
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            if signum == signal.SIGINT == self.received:
+                self.force(f"second {name}: exiting now without finishing the checkpoint", self.CODES[signum])
+            return
+        self.received = signum
+        self._say(f"received {name}: finishing this step, then saving a checkpoint (at most "
+                  f"{self.grace_s:g} s, training.preemption_grace_s)")
+        self.start_timer(signum)
+
+    def start_timer(self, signum: int) -> None:
+        if self.timer is None:
+            code = self.CODES[signum]
+            self.timer = threading.Timer(self.grace_s, self.force, args=(
+                f"training.preemption_grace_s ({self.grace_s:g} s) ran out before the checkpoint was complete; "
+                f"exiting (the last complete checkpoint is still in charge)", code))
+            self.timer.daemon = True
+            self.timer.start()
+
+    def force(self, message: str, code: int) -> None:
+        self._say(message)
+        if self.on_force_exit is not None:
+            self.on_force_exit()
+        os._exit(code)
+
+    def agreed(self, strategy) -> int | None:
+        """The signal every rank acts on after this step (SIGTERM wins over SIGINT), or None: one all-reduce."""
+        if strategy.dist.world_size == 1:
+            return self.received
+        flags = torch.tensor([float(self.received == signal.SIGTERM), float(self.received == signal.SIGINT)],
+                             dtype=torch.float64)
+        term, intr = strategy.all_reduce_mean(flags).tolist()
+        signum = signal.SIGTERM if term > 0 else signal.SIGINT if intr > 0 else None
+        if signum is not None:
+            self.start_timer(signum)
+        return signum
 
 
 class Trainer:
@@ -44,6 +122,10 @@ class Trainer:
         self.nonfinite_streak = 0
         self.global_micro_batch = self.t.train_batch_size * self.dist.world_size
         self.resumed_from: Path | None = None
+        self.preemption = Preemption(self.t.preemption_grace_s)
+        self.stopped_by: int | None = None
+        """The signal that stopped training early (SIGTERM / SIGINT), None when it ran to the end."""
+        self.last_checkpoint: Path | None = None
 
     # -- start-up ---------------------------------------------------------------------------------
     def banner(self) -> str:
@@ -85,7 +167,6 @@ class Trainer:
             torch.set_rng_state(client["torch_rng"])
         self.resumed_from = path
         if self.dist.is_main:
-            self.truncate_metrics(self.step)
             logger.info("resumed from %s (step %d)", path, self.step)
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -113,6 +194,7 @@ class Trainer:
         # complete checkpoint exists and ordinary rotation applies.
         self.resumed_from = None
         self.strategy.barrier()
+        self.last_checkpoint = final
         return final
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -121,13 +203,26 @@ class Trainer:
             self.validator.run(self.method, self.step)
 
     def train(self) -> dict:
-        """Run to max_train_steps; returns the last logged scalars."""
+        """Run to max_train_steps (or to the step where a SIGTERM/SIGINT arrived: then `stopped_by` is set and a
+        checkpoint of that step exists); returns the last logged scalars."""
         t, d = self.t, self.dist
         if d.is_main:
             ckpt.clean_stale_tmp(self.output_dir)
+            # Metrics (and TensorBoard events) past the resumed step belong to a run that was cut short.
+            self.truncate_metrics(self.step)
+            self.tracker.purge_step = self.step + 1 if self.step else None
             print(self.banner(), flush=True)
         loader = TrainLoader(self.dataset, t.train_batch_size, d.rank, d.world_size, t.seed,
                              num_workers=t.dataloader_num_workers, start_micro_step=self.micro_step)
+        self.preemption.deferred = True
+        try:
+            return self._loop(loader)
+        finally:
+            loader.close()
+            self.tracker.close()
+
+    def _loop(self, loader: TrainLoader) -> dict:
+        t, d = self.t, self.dist
         if t.log_validation and self.step == 0:
             self.validate()
         bar = None
@@ -154,12 +249,20 @@ class Trainer:
                 bar.update(1)
             if t.log_validation and t.validation_steps and self.step % t.validation_steps == 0:
                 self.validate()
-            if (t.checkpointing_steps and self.step % t.checkpointing_steps == 0) or self.step == t.max_train_steps:
+            saved = (t.checkpointing_steps and self.step % t.checkpointing_steps == 0) or \
+                self.step == t.max_train_steps
+            if saved:
                 self.save()
             faults.maybe_kill("after_step", self.step)
+            faults.maybe_signal(self.step, d.rank)
+            signum = self.preemption.agreed(self.strategy)
+            if signum is not None and self.step < t.max_train_steps:
+                if not saved:
+                    self.save()
+                self.stopped_by = signum
+                break
         if bar is not None:
             bar.close()
-        self.tracker.close()
         return last
 
     def check_nonfinite(self, scalars: dict[str, float]) -> None:

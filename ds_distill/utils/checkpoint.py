@@ -197,3 +197,137 @@ def clean_stale_tmp(output_dir: Path) -> None:
     for child in d.iterdir():
         if child.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")) and child.is_dir():
             shutil.rmtree(child, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One owner per run folder
+
+LOCK_FILE = ".run.lock"
+
+
+def read_lock(output_dir: Path) -> dict | None:
+    """The lock's holder ({host, pid, since}), or None when the folder is not locked."""
+    path = Path(output_dir) / LOCK_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError):
+        return {"host": "?", "pid": -1, "since": "?"}  # torn write: treat as a holder we cannot verify
+    return data if isinstance(data, dict) else {"host": "?", "pid": -1, "since": "?"}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock_is_stale(holder: dict) -> bool:
+    """A lock left by a dead process on this host (another host's lock can't be verified: never stale)."""
+    import socket
+
+    if holder.get("host") != socket.gethostname():
+        return False
+    pid = int(holder.get("pid", -1))
+    return pid <= 0 or pid == os.getpid() or not _pid_alive(pid)
+
+
+def lock_refusal(output_dir: Path, holder: dict) -> str:
+    """The one line that names the holder and how to remove a lock that outlived its run."""
+    import socket
+
+    lock = Path(output_dir) / LOCK_FILE
+    where = "this host" if holder.get("host") == socket.gethostname() else f"host {holder.get('host')}"
+    return (f"{output_dir}: the run folder is in use by pid {holder.get('pid')} on {where} (since "
+            f"{holder.get('since')}); wait for that run or stop it, or, if it is gone, delete {lock}")
+
+
+def check_lock(output_dir: Path) -> None:
+    """Read-only: refuse a folder held by a live run (preflight, every rank)."""
+    holder = read_lock(output_dir)
+    if holder is not None and not lock_is_stale(holder):
+        raise CheckpointError(lock_refusal(output_dir, holder))
+
+
+def acquire_lock(output_dir: Path) -> Path:
+    """Rank 0: create `output_dir/.run.lock` atomically with this host and pid; take over a stale one."""
+    import socket
+    import time
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = output_dir / LOCK_FILE
+    body = json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = read_lock(output_dir)
+            if holder is None:
+                continue
+            if not lock_is_stale(holder):
+                raise CheckpointError(lock_refusal(output_dir, holder))
+            logger.warning("%s: taking over the lock of pid %s on this host, which is no longer running",
+                           output_dir, holder.get("pid"))
+            stale = output_dir / f"{LOCK_FILE}.stale-{os.getpid()}"
+            try:
+                os.rename(lock, stale)
+                os.unlink(stale)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+            f.flush()
+            os.fsync(f.fileno())
+        return lock
+    raise CheckpointError(f"{output_dir}: could not take the run folder's lock ({lock}); another run is starting")
+
+
+def release_lock(lock: Path | None) -> None:
+    """Remove our own lock (never another process's)."""
+    if lock is None:
+        return
+    holder = read_lock(lock.parent)
+    if holder is not None and holder.get("pid") == os.getpid():
+        try:
+            lock.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def run_contents(output_dir: Path) -> list[str]:
+    """What a run folder holds besides its lock (empty: a fresh run may use it)."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.name != LOCK_FILE)
+
+
+def aside_name(output_dir: Path) -> Path:
+    """A sibling name, not yet taken, for moving an old run out of the way (`--overwrite`)."""
+    import time
+
+    output_dir = Path(output_dir)
+    base = output_dir.with_name(f"{output_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    target, n = base, 1
+    while target.exists():
+        target, n = base.with_name(f"{base.name}.{n}"), n + 1
+    return target
+
+
+def move_aside(output_dir: Path, lock: Path) -> tuple[Path, Path]:
+    """Rank 0, holding the old folder's lock: rename the old run to a sibling, lock a fresh folder.
+    Returns (where the old run went, the new lock)."""
+    output_dir = Path(output_dir)
+    target = aside_name(output_dir)
+    os.rename(output_dir, target)
+    new_lock = acquire_lock(output_dir)
+    release_lock(target / LOCK_FILE)
+    return target, new_lock

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -81,6 +82,9 @@ class TrainingConfig:
     """Seed for data order, noise, timesteps and control flow (same on every rank)."""
     mixed_precision: Literal["fp32", "bf16"] = "bf16"
     """Parameter and compute dtype of the DeepSpeed engines (master weights stay fp32)."""
+    grad_reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype trainable roles reduce-scatter gradients in (DeepSpeed's communication_data_type): fp32 sums every
+    rank's contribution unrounded; bf16 halves the traffic."""
     learning_rate: float = 1e-5
     """Default learning rate of trainable roles."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -130,6 +134,9 @@ class TrainingConfig:
     """Save a checkpoint every N steps (0: only at the end)."""
     checkpoints_total_limit: int = 3
     """Keep at most this many checkpoints (0: keep all)."""
+    preemption_grace_s: float = 120.0
+    """After SIGTERM/SIGINT the run finishes its step, saves and exits; past this many seconds it exits at once
+    (no half-written checkpoint: the last complete one stays in charge). Keep it below the scheduler's kill delay."""
     log_steps: int = 1
     """Write scalars every N steps."""
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -245,11 +252,13 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads `1e-4` (no dot) as a string; accept what is clearly a number.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad() from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad()
+        if not math.isfinite(value):
+            raise RecipeError(f"{source}: {key}: {value} is not a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -357,8 +366,21 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def check_finite(data: Any, source: str, key: str = "") -> None:
+    """Refuse NaN and infinities anywhere in a raw recipe mapping (YAML's `.nan`, `.inf`), naming the key."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise RecipeError(f"{source}: {key}: {data} is not a finite number")
+    if isinstance(data, dict):
+        for k, v in data.items():
+            check_finite(v, source, f"{key}.{k}" if key else str(k))
+    elif isinstance(data, (list, tuple)):
+        for i, v in enumerate(data):
+            check_finite(v, source, f"{key}[{i}]")
+
+
 def recipe_from_mapping(data: dict, source: str) -> Recipe:
     """Validate a raw mapping as schema v2 (without checking the method's own knobs)."""
+    check_finite(data, source)
     if "distill" in data:
         raise RecipeError(f"{source}: distill: {V1_HINT}")
     if "models" in data and "roles" not in data:

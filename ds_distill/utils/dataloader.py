@@ -99,18 +99,23 @@ class ParquetDataset(torch.utils.data.Dataset):
             self._cache.popitem(last=False)
         return table
 
-    def row(self, index: int) -> dict:
-        """The raw columns of one row."""
+    def locate(self, index: int) -> tuple[Path, int]:
+        """The file of a global row index and the row number within that file (what error messages name)."""
+        fi = bisect.bisect_right(self._starts, index) - 1
+        return self.files[fi].path, index - self._starts[fi]
+
+    def row(self, index: int) -> tuple[dict, Path, int]:
+        """The raw columns of one row, its file, and its row number within that file."""
         fi = bisect.bisect_right(self._starts, index) - 1
         local = index - self._starts[fi]
         info = self.files[fi]
         g = bisect.bisect_right(info.group_starts, local) - 1
         table = self._row_group(fi, g)
         off = local - info.group_starts[g]
-        return {k: v[off] for k, v in table.items()}, info.path
+        return {k: v[off] for k, v in table.items()}, info.path, local
 
     def __getitem__(self, index: int) -> dict:
-        row, path = self.row(index)
+        row, path, local = self.row(index)
         out = {"index": index, "caption": row.get("caption") or ""}
         try:
             text = tensor_from_bytes(
@@ -121,9 +126,13 @@ class ParquetDataset(torch.utils.data.Dataset):
                     row["vae_latent_bytes"], row["vae_latent_shape"], row["vae_latent_dtype"]
                 ).float()
         except (ValueError, TypeError) as exc:
-            raise DataError(f"{path}: row {index}: {exc}") from None
+            raise DataError(f"{path}: row {local}: {exc}") from None
         if text.dim() != 2:
-            raise DataError(f"{path}: row {index}: text_embedding_shape must be [L, D], got {list(text.shape)}")
+            raise DataError(f"{path}: row {local}: text_embedding_shape must be [L, D], got {list(text.shape)}")
+        for name, value in (("text_embedding", text), ("vae_latent", out.get("vae_latent"))):
+            if value is not None and not bool(torch.isfinite(value).all()):
+                raise DataError(f"{path}: row {local}: {name} holds NaN or infinite values (a data problem, not "
+                                f"a learning-rate one); re-encode or drop this row")
         length = min(text.shape[0], self.text_len)
         padded = torch.zeros(self.text_len, text.shape[1])
         padded[:length] = text[:length]
@@ -180,6 +189,15 @@ def collate(rows: list[dict]) -> dict:
     return out
 
 
+def _worker_ignores_stop_signals(worker_id: int) -> None:
+    """SIGTERM/SIGINT are the training process's to handle (finish the step, save); a worker killed by them
+    would abort that step. Workers still end with the run: it shuts them down, and they exit if it dies."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TrainLoader:
     """Iterates micro-batches for this rank from a micro-step on; attaches global sample ids."""
 
@@ -196,14 +214,29 @@ class TrainLoader:
             collate_fn=collate,
             persistent_workers=num_workers > 0,
             prefetch_factor=2 if num_workers > 0 else None,
+            worker_init_fn=_worker_ignores_stop_signals if num_workers > 0 else None,
+            # Its own generator: making the iterator must not draw from the global RNG, which a resumed run
+            # restores from the checkpoint (a draw there would shift everything after it).
+            generator=generator(seed, 0x10AD, start_micro_step),
         )
         self._it = iter(self.loader)
 
     def __iter__(self):
         return self
 
+    def close(self) -> None:
+        """End the worker processes now (also on a preempted or failed run)."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
     def __next__(self) -> dict:
-        batch = next(self._it)
+        try:
+            batch = next(self._it)
+        except DataError as exc:
+            # A worker's DataError arrives wrapped in its traceback text; keep the one line it was raised with.
+            text = str(exc)
+            raise DataError(text.rsplit("DataError: ", 1)[-1].strip() if "Traceback" in text else text) from None
         base = self.micro_step * self.micro * self.world + self.rank * self.micro
         batch["sample_ids"] = torch.arange(base, base + self.micro, dtype=torch.long)
         batch["micro_step"] = self.micro_step

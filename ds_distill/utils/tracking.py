@@ -10,24 +10,35 @@ logger = logging.getLogger("ds_distill")
 
 
 class Tracker:
-    """Writes scalars (`role/name`) and videos; a no-op off rank 0 or with `trackers: [none]`."""
+    """Writes scalars (`role/name`) and videos; a no-op off rank 0 or with `trackers: [none]`.
+
+    The event file is created on the first write, so a run that stops before training (a dry run, a failed
+    check) adds nothing to the output folder."""
 
     def __init__(self, log_dir: str | Path, enabled: bool):
-        self.writer = None
-        if enabled:
+        self.log_dir = Path(log_dir)
+        self.enabled = enabled
+        self._writer = None
+        self.purge_step: int | None = None
+        """On resume: TensorBoard hides events at or past this step that the interrupted run wrote."""
+
+    @property
+    def writer(self):
+        if self._writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self._writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=self.purge_step)
+        return self._writer
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is None:
+        if not self.enabled:
             return
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
 
     def log_video(self, tag: str, frames: np.ndarray, step: int, fps: int = 8) -> None:
         """frames: [T, H, W, 3] floats in [0, 1] or uint8."""
-        if self.writer is None:
+        if not self.enabled:
             return
         import torch
 
@@ -38,14 +49,15 @@ class Tracker:
         self.writer.add_video(tag, video, step, fps=fps)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        if self.writer is not None:
+        if self.enabled:
             self.writer.add_text(tag, text, step)
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = None
+        self.enabled = False
