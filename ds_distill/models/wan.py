@@ -104,7 +104,7 @@ def keep_diffusers_fp32(module: torch.nn.Module, fp32_storage: bool) -> list[str
     - With `fp32_storage`, the parameters of `fp32_parameter_names` are stored in fp32 (partition and placeholder).
       Trainable roles keep bf16 storage: DeepSpeed's ZeRO-3 optimizer flattens a role's partitions into one
       buffer of one dtype (its fp32 master copies hold the exact values); they are computed in fp32 all the same
-      (block scale/shift tables and norm2 already are in diffusers' code, the output table is seen as fp32).
+      (block scale/shift tables and norm2 already are in diffusers' code; the output table's sum is made fp32).
     Returns the names of the parameters stored in fp32.
     """
     from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
@@ -129,23 +129,14 @@ def keep_diffusers_fp32(module: torch.nn.Module, fp32_storage: bool) -> list[str
     for layer in (embedder.time_embedder.linear_1, embedder.time_embedder.linear_2):
         layer.forward = partial(_fp32_linear, layer)
 
-    # The output scale_shift_table is added to the bf16 time embedding: in fp32 when it is stored in fp32. For bf16
-    # storage it is seen as an fp32 copy (autograd reaches the parameter) from after the condition embedder, when
-    # ZeRO-3 has gathered the root's own parameters, until the output projection.
-    upcast: list[torch.nn.Parameter] = []
+    # The output scale_shift_table is added to the time embedding, which diffusers rounds to bf16: in fp32 when the
+    # table is fp32. Handing the table the embedding as fp32 (its bf16 values, exactly) makes that sum fp32 for a
+    # bf16-stored table too, and leaves it unchanged for an fp32 one. (Swapping the parameter itself for an fp32
+    # copy would break ZeRO-3, which walks the root's parameters while releasing other modules.)
+    def temb_in_fp32(_mod, _args, output):
+        return (output[0].float(), *output[1:])
 
-    def table_in_fp32(_mod, _args, _output):
-        table = module._parameters["scale_shift_table"]
-        if isinstance(table, torch.nn.Parameter) and table.dtype != torch.float32:
-            upcast[:] = [table]
-            module._parameters["scale_shift_table"] = table.float()
-
-    def table_back(_mod, _args):
-        if upcast:
-            module._parameters["scale_shift_table"] = upcast.pop()
-
-    embedder.register_forward_hook(table_in_fp32)
-    module.proj_out.register_forward_pre_hook(table_back)
+    embedder.register_forward_hook(temb_in_fp32)
 
     names = fp32_parameter_names(module) if fp32_storage else []
     params = dict(module.named_parameters())
