@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import finetune_recipe, write_recipe
@@ -62,6 +63,17 @@ def test_text_encoder_loaded_once_and_vae_only_while_validating(tiny_wan, toy_da
         assert not hasattr(validator, "decoder")
         manifest = json.loads((tmp_path / "run" / "validation" / f"step-{step}" / "manifest.json").read_text())
         assert [v["rank"] for v in manifest["videos"]] == [0, 0]
+
+    # A rank whose decoding fails (here: out of memory) is reported by every rank instead of leaving the others
+    # waiting in the manifest's gather.
+    from ds_distill.validators.wan import WanDecoder
+
+    def out_of_memory(self, latents):
+        raise MemoryError("cannot allocate the VAE's activations")
+
+    monkeypatch.setattr(WanDecoder, "decode", out_of_memory)
+    with pytest.raises(RuntimeError, match="validation at step 2: decoding videos failed on rank 0: MemoryError"):
+        validator.run(runtime.method, 2)
 
 
 def test_no_validation_frees_the_encoder_at_start_up(tiny_wan, toy_data, tmp_path, dist_env):

@@ -236,11 +236,22 @@ class WanValidator:
         if self.dist.world_size > 1:
             to_tracker = self.strategy.broadcast_object(to_tracker)
         folder = self.output_dir / f"step-{step}"
-        paths, entries = self.decode_and_write(mine, folder, to_tracker)
-        logger.info("validation at step %d: rank %d decoded prompt(s) %s", step, self.dist.rank, sorted(mine))
-        parts = self.strategy.gather_object(entries, dst=0)
+        error = None
+        try:
+            paths, entries = self.decode_and_write(mine, folder, to_tracker)
+            logger.info("validation at step %d: rank %d decoded prompt(s) %s", step, self.dist.rank, sorted(mine))
+        except Exception as exc:  # reported to every rank below, so none waits in a collective
+            logger.exception("validation at step %d: decoding failed on rank %d", step, self.dist.rank)
+            paths, entries = [], []
+            error = f"rank {self.dist.rank}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        parts = self.strategy.gather_object((entries, error), dst=0)
+        if self.dist.world_size > 1:
+            error = self.strategy.broadcast_object(
+                next((e for _, e in parts if e), None) if self.dist.is_main else None)
+        if error:
+            raise RuntimeError(f"validation at step {step}: decoding videos failed on {error}")
         if self.dist.is_main:
-            entries = sorted((e for part in parts for e in part), key=lambda e: e["index"])
+            entries = sorted((e for part, _ in parts for e in part), key=lambda e: e["index"])
             self.write_manifest(folder, entries, step, request, ema is not None)
             logger.info("validation at step %d: %d videos (%s, %s%s) on %d rank(s) in %.1f s -> %s", step,
                         len(entries), request.sampler_kind, describe_schedule(request),
