@@ -9,7 +9,7 @@ The target is: peak working memory <= 1.5 x (largest output shard + one rank's f
 memory is the converter's peak RSS minus the RSS of a process that only imports what it imports (python, torch,
 deepspeed, diffusers) and builds the transformer on the meta device, as the converter does before it reads any weights.
 
-    python benchmarks/convert_memory.py [--workdir DIR] [--max-shard-size 40MB] [--dtype bf16]
+    python benchmarks/convert_memory.py [--workdir DIR] [--max-shard-size 40MB] [--dtype bf16] [--mixed-precision bf16]
 A --workdir is kept and reused (the model and checkpoint are built once); without it a temporary one is removed.
 """
 from __future__ import annotations
@@ -78,13 +78,13 @@ def run_measured(cmd: list[str], measure: bool = True) -> tuple[float, float, st
     return peak, time.perf_counter() - started, res.stdout
 
 
-def build_checkpoint(work: Path) -> Path:
+def build_checkpoint(work: Path, precision: str) -> Path:
     """Model + toy data + one 2-rank training step; returns the checkpoint folder (reused when present)."""
     import yaml
 
     from ds_distill.utils import checkpoint as ckpt
 
-    out = work / "run"
+    out = work / f"run_{precision}"
     found = ckpt.find_resume_checkpoint(out, "latest") if out.is_dir() else None
     if found is not None:
         print(f"reusing {found}")
@@ -104,7 +104,7 @@ def build_checkpoint(work: Path) -> Path:
         "recipe": {"family": "wan", "method": "finetune"},
         "roles": {"student": {"path": str(model), "trainable": True}},
         "training": {"output_dir": str(out), "data_path": str(data / "latents"), "max_train_steps": 1,
-                     "train_batch_size": 1, "dataloader_num_workers": 0, "mixed_precision": "fp32",
+                     "train_batch_size": 1, "dataloader_num_workers": 0, "mixed_precision": precision,
                      "learning_rate": 1e-4, "text_len": 16, "num_frames": 5, "height": 64, "width": 64,
                      "gradient_checkpointing": False, "checkpointing_steps": 1, "trackers": []},
         "pipeline_config": {"flow_shift": 3.0},
@@ -124,7 +124,7 @@ def partition_bytes(role_dir: Path) -> int:
     import torch
 
     best = 0
-    for f in sorted(role_dir.glob("zero_pp_rank_*_optim_states.pt")):
+    for f in sorted(role_dir.glob("*zero_pp_rank_*_optim_states.pt")):  # bf16 runs: bf16_zero_pp_rank_*
         sd = torch.load(f, map_location="cpu", mmap=True, weights_only=False)
         groups = sd["optimizer_state_dict"]["fp32_flat_groups"]
         best = max(best, sum(g.numel() * g.element_size() for g in groups))
@@ -140,12 +140,14 @@ def main() -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--max-shard-size", default="40MB")
     p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--mixed-precision", default="bf16", choices=["fp32", "bf16"],
+                   help="precision of the training run whose checkpoint is converted (default bf16)")
     args = p.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="convert_memory_"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        checkpoint = build_checkpoint(work)
+        checkpoint = build_checkpoint(work, args.mixed_precision)
         role_dir = checkpoint / "student"
         ckpt_bytes = sum(f.stat().st_size for f in role_dir.rglob("*") if f.is_file())
         part = partition_bytes(role_dir)
@@ -188,7 +190,7 @@ def main() -> int:
             shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"checkpoint {checkpoint} (student, 2 ranks)")
+    print(f"checkpoint {checkpoint} (student, 2 ranks, {args.mixed_precision} run)")
     print(f"  role folder on disk (fp32 weights + Adam moments, all ranks)  {mb(ckpt_bytes)}")
     print(f"  one rank's fp32 partition                                     {mb(part)}")
     print(f"  fixed cost: python + torch + deepspeed + diffusers (no data)  {mb(base_rss)}")

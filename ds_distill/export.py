@@ -7,7 +7,8 @@ CHECKPOINT is a `checkpoint-<step>` folder, a role folder inside one, or a train
 newest complete checkpoint). OUT gets `transformer/` (config.json plus safetensors shards named as diffusers
 names them); with `--base` it also gets the base pipeline's other components, so `WanPipeline.from_pretrained(OUT)`
 loads it. The weights are DeepSpeed's fp32 master partitions (`--ema`: the EMA partitions), reassembled exactly
-as DeepSpeed's own `zero_to_fp32` does, then cast to `--dtype`.
+as DeepSpeed's own `zero_to_fp32` does, then cast to `--dtype`. fp32 and bf16 runs convert alike (a bf16 run's
+optimizer files are DeepSpeed's `bf16_zero_pp_rank_*`; its master weights are fp32 all the same).
 
 Memory: every rank's partition file is memory-mapped; each parameter is copied out of its per-rank slices and
 the mapped pages under those slices are given back at once, so peak memory is one output shard plus one
@@ -44,6 +45,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 EMA_DIR = "ema"
+MARK = "ds_distill_export"
+"""Metadata key of every shard we write: the checkpoint it came from. `--overwrite` replaces only such folders."""
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -70,6 +73,8 @@ class RoleCheckpoint:
     role: str
     world_size: int
     step: int
+    optim_prefix: str = ""
+    """DeepSpeed prefixes a bf16 run's optimizer files with `bf16_` (the model-states files keep their name)."""
 
     @property
     def role_dir(self) -> Path:
@@ -79,13 +84,13 @@ class RoleCheckpoint:
         return self.role_dir / f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 
     def optim_file(self, rank: int) -> Path:
-        return self.role_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+        return self.role_dir / f"{self.optim_prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 
     def ema_file(self, rank: int) -> Path:
         return self.role_dir / EMA_DIR / f"rank-{rank:05d}-of-{self.world_size:05d}.safetensors"
 
 
-_RANK_FILE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
+_RANK_FILE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(model|optim)_states\.pt$")
 
 
 def locate(path: str | os.PathLike, role: str | None = None) -> RoleCheckpoint:
@@ -108,7 +113,7 @@ def locate(path: str | os.PathLike, role: str | None = None) -> RoleCheckpoint:
             raise CheckpointError(f"{path}: holds no complete checkpoint (checkpoint-<step> folders with "
                                   f"{ckpt.STATE_FILE}); was every save interrupted?")
         folder = found
-    elif any(path.glob("zero_pp_rank_*_states.pt")) or any(path.glob("*/zero_pp_rank_*_states.pt")):
+    elif any(path.glob("*zero_pp_rank_*_states.pt")) or any(path.glob("*/*zero_pp_rank_*_states.pt")):
         raise CheckpointError(f"{path}: has DeepSpeed files but no {ckpt.STATE_FILE}: an interrupted save or not "
                               "a ds_distill checkpoint; convert a complete checkpoint-<step> folder")
     else:
@@ -136,11 +141,16 @@ def _check_rank_files(rc: RoleCheckpoint) -> None:
     names = [m for m in (_RANK_FILE.match(p.name) for p in d.iterdir()) if m]
     if not names:
         raise CheckpointError(f"{d}: is not a DeepSpeed ZeRO-3 checkpoint folder (no zero_pp_rank_*_states.pt)")
-    if any(m.group(2) != "00" for m in names):
+    if any(m.group(3) != "00" for m in names):
         raise CheckpointError(f"{d}: holds model-parallel files (mp_rank > 00), which this converter does not merge")
     if rc.world_size < 1:
         raise CheckpointError(f"{rc.checkpoint / ckpt.STATE_FILE}: no world_size recorded")
-    ranks = {int(m.group(1)) for m in names}
+    prefixes = {m.group(1) or "" for m in names if m.group(4) == "optim"}
+    if len(prefixes) > 1:
+        raise CheckpointError(f"{d}: holds both bf16_zero_pp_rank_* and zero_pp_rank_* optimizer files (files of a "
+                              "bf16 and an fp32 run mixed); convert a checkpoint folder that one run wrote")
+    rc.optim_prefix = prefixes.pop() if prefixes else ""
+    ranks = {int(m.group(2)) for m in names}
     if max(ranks) >= rc.world_size:
         raise CheckpointError(f"{d}: holds files of rank {max(ranks)}, but the checkpoint says it was written by "
                               f"{rc.world_size} ranks")
@@ -487,13 +497,15 @@ def write_transformer(role: PartitionedRole, tensors: list[_Tensor], out: Path, 
     """Write the shards (each assembled, saved, freed in turn) and the index; returns (shards, bytes)."""
     from safetensors.torch import save_file
 
+    source = f"{role.rc.role_dir}{' EMA' if role.ema else ''}"
+
     shards = plan_shards(tensors, dtype, max_bytes)
     weight_map, total = {}, 0
     for i, group in enumerate(shards):
         name = shard_name(i, len(shards))
         data = {t.name: role.assemble(t, dtype) for t in group}
         nbytes = sum(v.numel() * v.element_size() for v in data.values())
-        save_file(data, str(out / name), metadata={"format": "pt"})
+        save_file(data, str(out / name), metadata={"format": "pt", MARK: source})
         del data
         weight_map.update({t.name: name for t in group})
         total += nbytes
@@ -522,6 +534,24 @@ def copy_base(base: Path, out: Path, link: bool) -> list[str]:
     return names
 
 
+def is_export(folder: Path) -> bool:
+    """True if `folder` is an export this converter wrote: its transformer/ holds config.json and safetensors
+    shards that carry our mark (a model folder from anywhere else is never replaced by --overwrite)."""
+    shards = sorted((Path(folder) / "transformer").glob("*.safetensors"))
+    if not shards or not (Path(folder) / "transformer" / "config.json").is_file():
+        return False
+    for shard in shards:
+        try:
+            with open(shard, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                meta = json.loads(f.read(min(n, 100_000_000))).get("__metadata__") or {}
+        except (OSError, ValueError, struct.error, AttributeError):
+            return False
+        if MARK not in meta:
+            return False
+    return True
+
+
 # -- the command ------------------------------------------------------------------------------------------------
 @dataclass
 class ExportResult:
@@ -542,12 +572,13 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
             max_shard_size: str | int = "5GB", ema: bool = False, base: str | os.PathLike | None = None,
             link_base: bool = False, overwrite: bool = False, log=print) -> ExportResult:
     """Convert one role of a ZeRO-3 checkpoint into OUT (see the module docstring); all-or-nothing."""
+    from ds_distill.cli import check_output_dir
+
     if dtype not in DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
-    out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not empty; pick another OUT or pass --overwrite")
+    out = check_output_dir(out, "OUT", overwrite, swap=True, replaceable=is_export,
+                           what="an export this converter wrote")
     rc = locate(checkpoint, role)
     for keep, what in ((rc.checkpoint, "the checkpoint"), (Path(base) if base is not None else None, "--base")):
         if keep is not None and (out.resolve() == keep.resolve() or out.resolve() in keep.resolve().parents
@@ -575,6 +606,7 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
     what = f"{rc.checkpoint.name}/{rc.role}{' EMA' if ema else ''} (step {rc.step}, {rc.world_size} rank" \
            f"{'s' if rc.world_size > 1 else ''})"
     log(f"converting {what} -> {out}")
+    old = None
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -589,13 +621,9 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
             os.rename(out, old)
             try:
                 os.rename(tmp, out)
-            except OSError:
+            except BaseException:  # an error or Ctrl-C between the renames: the old export goes back
                 os.rename(old, out)
                 raise
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
         else:
             os.rename(tmp, out)
     except OSError as exc:
@@ -604,6 +632,13 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if old is not None:  # the new export is in place: only now does the old one go
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+        if old.exists() or old.is_symlink():
+            log(f"note: the previous export, moved to {old}, could not be removed; remove it yourself")
     result = ExportResult(out, rc.checkpoint, rc.role, ema, len(tensors),
                           sum(t.numel for t in tensors), shards, nbytes, components)
     log(f"wrote {out}/transformer: {result.num_params:,} values in {result.num_tensors} tensors, {dtype}, "
@@ -613,7 +648,9 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ds_distill.cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="ds-distill convert",
         description="Convert a ds_distill ZeRO-3 checkpoint into a Diffusers safetensors directory (streamed). "
                     "DeepSpeed checkpoint files are pickles: convert only checkpoints you trust.",
@@ -628,7 +665,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline directory: its transformer config, and its other components copied into OUT")
     p.add_argument("--link-base", action="store_true",
                    help="symlink --base's components instead of copying them (OUT then depends on MODEL_DIR)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is an earlier export (swapped in only once the new one is complete)")
     return p
 
 
@@ -637,8 +675,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.link_base and args.base is None:
         raise UserError("--link-base needs --base")
-    convert(args.checkpoint, args.out, role=args.role, dtype=args.dtype, max_shard_size=args.max_shard_size,
-            ema=args.ema, base=args.base, link_base=args.link_base, overwrite=args.overwrite)
+    try:
+        convert(args.checkpoint, args.out, role=args.role, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                ema=args.ema, base=args.base, link_base=args.link_base, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} is as it was (nothing half-written is left)", file=sys.stderr, flush=True)
+        return 130
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PYTHON, REPO, deepspeed_cmd, dmd2_recipe, finetune_recipe, write_recipe
+from conftest import PYTHON, REPO, deepspeed_cmd, dmd2_recipe, finetune_recipe, train_in_process, write_recipe
 from ds_distill import export
 
 QUIET = {"log": lambda *a, **k: None}
@@ -51,29 +51,10 @@ def dmd_proc(odd_wan, toy_data, tmp_path_factory):
         proc.communicate()
 
 
-def train_in_process(recipe_path: Path, dist_env) -> Path:
-    """What `python -m ds_distill.train --config R` does, on the session's one-rank process group."""
-    from ds_distill.dispatch import build_runtime, check_recipe
-    from ds_distill.engines import Strategy
-    from ds_distill.trainer import Trainer
-    from ds_distill.utils.config import dump_recipe, load_recipe
-    from ds_distill.utils.dataloader import ParquetDataset
-
-    recipe = load_recipe(str(recipe_path))
-    checked = check_recipe(recipe)
-    out = Path(recipe.training.output_dir)
-    out.mkdir(parents=True)
-    (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    runtime = build_runtime(checked, Strategy(dist_env))
-    dataset = ParquetDataset(recipe.training.data_path, recipe.training.text_len,
-                             checked.method_cls.needs_latents(checked.method_config))
-    Trainer(runtime, dataset).train()
-    return out
-
-
 @pytest.fixture(scope="module")
-def runs(dmd_proc, odd_wan, toy_data, dist_env, tmp_path_factory) -> dict[str, Path]:
-    """The DMD2 run above plus a 1-rank finetune (2 steps, checkpoints at 1 and 2) trained meanwhile in process."""
+def runs(bf16_dmd2_started, dmd_proc, odd_wan, toy_data, dist_env, tmp_path_factory) -> dict[str, Path]:
+    """The DMD2 run above plus a 1-rank finetune (2 steps, checkpoints at 1 and 2) trained meanwhile in process
+    (the session's bf16 DMD2 runs, which the bf16 tests read, start first and run meanwhile too)."""
     root = tmp_path_factory.mktemp("export_ft")
     ft = train_in_process(write_recipe(root / "ft.yaml", finetune_recipe(odd_wan, toy_data, root / "ft", **SMALL)),
                           dist_env)
@@ -289,6 +270,7 @@ def bad_cases(runs, odd_wan, tiny_wan, tmp: Path) -> dict[str, tuple[list[str], 
 
 
 def assert_one_line_exit_2(capsys, argv: list[str], expect: str) -> None:
+    capsys.readouterr()  # what came before (e.g. zero_to_fp32's progress bars) is not this command's output
     with pytest.raises(SystemExit) as exc:
         export.main(argv)
     assert exc.value.code == 2
@@ -324,13 +306,67 @@ def test_failure_while_writing_leaves_nothing(runs, tmp_path, capsys, monkeypatc
 
 
 def test_existing_output_is_kept_unless_overwrite(runs, tmp_path, capsys):
+    """A non-empty OUT is refused; --overwrite replaces only an earlier export (once the new one is complete),
+    never a folder of the user's nor a model from elsewhere."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert_one_line_exit_2(capsys, [str(runs["ft"]), str(out)], "already exists")
-    assert (out / "keep.txt").read_text() == "mine"
+    assert_one_line_exit_2(capsys, [str(runs["ft"]), str(out)], "not empty; pass --overwrite")
+    assert_one_line_exit_2(capsys, [str(runs["ft"]), str(out), "--overwrite"], "replaces only an export")
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    shutil.rmtree(out)
+    assert export.main([str(runs["dmd"]), str(out)]) == 0
+    (out / "transformer" / "extra.txt").write_text("x")  # files of ours inside an export go with it
+    assert export.is_export(out)
     assert export.main([str(runs["ft"]), str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "transformer" / export.WEIGHTS_NAME).is_file()
+    assert not (out / "transformer" / "extra.txt").exists()
+    assert_equal_dicts(read_export(out / "transformer"), fp32_weights(runs["ft"] / "checkpoint-2", "student"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing aside is left behind
+    model = tmp_path / "model"
+    shutil.copytree(out / "transformer", model / "transformer")
+    for f in (model / "transformer").glob("*.safetensors"):  # the same files without our mark: not ours
+        from safetensors.torch import load_file, save_file
+
+        save_file(load_file(str(f)), str(f), metadata={"format": "pt"})
+    assert not export.is_export(model)
+    assert_one_line_exit_2(capsys, [str(runs["ft"]), str(model), "--overwrite"], "replaces only an export")
+
+
+# -- bf16 runs ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("world", [1, 2])
+def test_bf16_export_equals_zero_to_fp32(bf16_dmd2_runs, world, tmp_path):
+    """A bf16 run (three distinct roles, threshold 0; DeepSpeed names its optimizer files bf16_zero_pp_rank_*):
+    master weights equal DeepSpeed's zero_to_fp32 bit for bit (student and critic, fp32 and bf16 output);
+    --ema equals the EMA partitions reassembled here, and is not the master weights."""
+    ckpt = bf16_dmd2_runs[world] / "checkpoint-4"
+    assert sorted(p.name for p in (ckpt / "student").glob("*_optim_states.pt")) == \
+        [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world)]
+    for role in ("student", "critic"):
+        export.convert(ckpt, tmp_path / role, role=role, max_shard_size="150KB", **QUIET)
+        ref = fp32_weights(ckpt, role)
+        assert_equal_dicts(read_export(tmp_path / role / "transformer"), ref)
+    export.convert(ckpt, tmp_path / "bf16", dtype="bf16", **QUIET)
+    assert_equal_dicts(read_export(tmp_path / "bf16" / "transformer"),
+                       {k: v.to(torch.bfloat16) for k, v in fp32_weights(ckpt, "student").items()})
+    export.convert(ckpt, tmp_path / "ema", ema=True, **QUIET)
+    got = read_export(tmp_path / "ema" / "transformer")
+    assert_equal_dicts(got, {k: v.float() for k, v in ema_reassembled(ckpt / "student").items()})
+    master = fp32_weights(ckpt, "student")
+    assert any(not torch.equal(got[k], master[k]) for k in got)
+    if world == 2:  # an odd-sized tensor: 128 values per rank (one of them padding), cut back to 255
+        assert got["blocks.0.ffn.net.0.proj.bias"].shape == (255,)
+
+
+def test_bf16_missing_rank_file_is_named(bf16_dmd2_runs, tmp_path, capsys):
+    run = copy_run(bf16_dmd2_runs[2], tmp_path / "run")
+    (run / "checkpoint-4" / "critic" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert_one_line_exit_2(capsys, [str(run), str(tmp_path / "out"), "--role", "critic"],
+                           "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt is missing")
+    mixed = run / "checkpoint-4" / "student"
+    shutil.copy(mixed / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                mixed / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert_one_line_exit_2(capsys, [str(run), str(tmp_path / "out")], "bf16 and an fp32 run mixed")
+    assert not (tmp_path / "out").exists()
 
 
 def test_page_dropping_keeps_values(tmp_path):
