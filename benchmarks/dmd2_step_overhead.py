@@ -7,9 +7,10 @@
   ds       ds_distill: DMD2Method.train_one_step on the engines build_runtime makes from a recipe
 
 Every way draws the same exit indices (same number of model calls per iteration); each runs in its own
-process. Prints median iteration time, ds/bare and bare/plain ratios, and peak RSS.
+process; both DeepSpeed ways use persistence threshold 0. Rounds and ratios as in step_overhead.py: median
+iteration time, ds/bare (per round and the median over rounds) and bare/plain, and peak RSS.
 
-    python benchmarks/dmd2_step_overhead.py [--steps 6] [--threads 1] [--batch 1]
+    python benchmarks/dmd2_step_overhead.py [--steps 6] [--threads 1] [--batch 1] [--rounds 3]
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def recipe(workdir: Path, batch: int) -> dict:
                      "train_batch_size": batch, "dataloader_num_workers": 0, "mixed_precision": "fp32",
                      "learning_rate": 1e-5, "max_grad_norm": 1.0, "text_len": TEXT[0], "num_frames": 9,
                      "height": 128, "width": 128, "gradient_checkpointing": False, "uncond_embedding": "zeros",
-                     "trackers": ["none"]},
+                     "trackers": ["none"], "ds_config": str(workdir / "zero3_train.json"),
+                     "ds_config_inference": str(workdir / "zero3_inference.json")},
         "pipeline_config": {"flow_shift": SHIFT},
         "method_config": {"rollout_mode": "simulate", "dmd_denoising_steps": STEPS_RAW,
                           "generator_update_interval": 1, "real_score_guidance_scale": W},
@@ -61,17 +63,18 @@ def run_way(way: str, workdir: Path, steps: int, batch: int) -> dict:
     t = checked.recipe.training
     loader = TrainLoader(ParquetDataset(t.data_path, t.text_len, False), batch, 0, 1, t.seed)
     batches = [next(loader) for _ in range(steps + 2)]
-    times = []
+    times, cpu_times = [], []
     if way == "ds":
         from ds_distill.dispatch import build_runtime
         from ds_distill.engines import Strategy, init_distributed
 
         rt = build_runtime(checked, Strategy(init_distributed()))
         for i, b in enumerate(batches):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             rt.method.train_one_step([b], i + 1)
             times.append(time.perf_counter() - start)
-        return {"way": way, "times": times[2:], "peak_rss_mb": peak_rss_mb()}
+            cpu_times.append(time.process_time() - cpu)
+        return {"way": way, "times": times[2:], "cpu_times": cpu_times[2:], "peak_rss_mb": peak_rss_mb()}
 
     from diffusers import WanTransformer3DModel
 
@@ -126,7 +129,7 @@ def run_way(way: str, workdir: Path, steps: int, batch: int) -> dict:
 
     for i, b in enumerate(batches):
         step = i + 1
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         cond = b["text_embedding"]
         uncond = torch.zeros_like(cond)
         x0 = rollout(step, "rollout_noise", grad=True)
@@ -147,15 +150,16 @@ def run_way(way: str, workdir: Path, steps: int, batch: int) -> dict:
             x_t = (1 - s) * x0 + s * eps
         update("c", torch.nn.functional.mse_loss(v_of(call["c"], x_t, tt, cond), eps - x0))
         times.append(time.perf_counter() - start)
-    return {"way": way, "times": times[2:], "peak_rss_mb": peak_rss_mb()}
+        cpu_times.append(time.process_time() - cpu)
+    return {"way": way, "times": times[2:], "cpu_times": cpu_times[2:], "peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> int:
-    args, results = three_ways(__file__, run_way, steps=6, batch=1)
+    args, rounds = three_ways(__file__, run_way, steps=6, batch=1)
     print(f"one DMD2 iteration (student + critic update, teacher CFG w={W}), three 23.6M-param Wan transformers, "
-          f"batch {args.batch}, {args.threads} thread(s), best of {args.rounds} rounds of the median of "
-          f"{args.steps} after 2 warm-up")
-    print_ways(results, {"plain": "plain PyTorch", "bare": "bare DeepSpeed engines (ZeRO-3)",
+          f"batch {args.batch}, {args.threads} thread(s), persistence threshold 0, {args.rounds} rounds of the "
+          f"median of {args.steps} after 2 warm-up")
+    print_ways(rounds, {"plain": "plain PyTorch", "bare": "bare DeepSpeed engines (ZeRO-3)",
                          "ds": "ds_distill dmd2"}, "iter")
     return 0
 

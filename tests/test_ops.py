@@ -467,6 +467,16 @@ def test_kernel_self_check_passes_and_is_reported(cpu_op, fresh_dispatch, caplog
     torch.testing.assert_close(x_t, torch.full((2, 3), 0.5))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tools/gpu_check.sh runs it)")
+def test_cuda_kernel_passes_its_self_check(fresh_dispatch, caplog):
+    with caplog.at_level(logging.INFO, logger="ds_distill.ops"):
+        assert noise_op_backend("cuda") == "cuda", noise_injection._select("cuda").reason
+    assert noise_injection._checks["cuda"] is None and "verified against the reference" in caplog.text
+    x0, eps = torch.randn(4, 1000, device="cuda"), torch.randn(4, 1000, device="cuda")
+    t = torch.tensor([0.0, 250.0, 600.0, 1000.0], device="cuda")
+    torch.testing.assert_close(add_noise(x0, eps, t, shift=3.0), add_noise_reference(x0, eps, t, shift=3.0))
+
+
 def test_kernel_failing_its_self_check_falls_back_once(cpu_op, fresh_dispatch, caplog):
     """DS_DISTILL_FAULT=noise_op_check corrupts the kernel's result inside the check: one warning, then the
     reference runs (forward and backward) for the rest of the process."""

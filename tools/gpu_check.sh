@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Checks that need an NVIDIA GPU (CI has none): the CUDA noise-injection kernel against the reference, its
 # benchmark against the bandwidth ceiling, `ds-distill report`, and the tiny finetune -> DMD2 -> export -> eval
-# pipeline on one GPU (NCCL, bf16 autocast off: the tiny recipes are fp32).
+# pipeline on one GPU (NCCL, bf16 autocast off: the tiny recipes are fp32), then DMD2 at the users' scale:
+# Wan2.1-1.3B student and critic plus a 14B-shaped teacher (random weights, full layer counts) at 81x480x832,
+# bf16, 3 iterations (benchmarks/real_scale_dmd2.py: peak GPU memory per role, seconds per iteration), on one
+# GPU and, with >= 2 GPUs, on 2 ranks over NCCL.
 # Usage: bash tools/gpu_check.sh [LOG_DIR]   (python3 must have ds_distill's requirements importable;
 #        FT_STEPS / DMD_STEPS shorten the two training runs)
+#        bash tools/gpu_check.sh --cpu-smoke  (the real-scale script at tiny size on the CPU; in the test suite)
 # Each stage has its own time limit; a failing stage is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = "--cpu-smoke" ]; then
+  export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false DS_DISTILL_NO_TQDM=1 OMP_NUM_THREADS=1
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+  ${PYTHON:-python3} benchmarks/real_scale_dmd2.py --tiny --workdir "$work"
+  exit $?
+fi
 LOG=${1:-outputs/gpu_check}
 WORK=${GPU_CHECK_WORK:-/tmp/ds_distill_gpu_check}
 mkdir -p "$LOG" "$WORK"
@@ -35,7 +46,8 @@ nvidia-smi -L || true
 '| deepspeed', deepspeed.__version__, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, \
 '| device', torch.cuda.get_device_name(0)); print('CUDA_HOME', '${CUDA_HOME:-unset}')"
 
-stage cuda_op_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda_build.py
+stage cuda_op_tests 300 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops_cuda_build.py tests/test_rng.py \
+  tests/test_ops.py -k "cuda or self_check"
 stage report 120 "$PY" -m ds_distill.cli report
 stage noise_bench 180 "$PY" benchmarks/noise_injection.py --device cuda --dtypes float32,bfloat16,float16 \
   --numel $((256 * 1024 * 1024)) --repeats 30 --eager-repeats 5
@@ -64,6 +76,16 @@ pipeline() {
 }
 export PY WORK
 stage pipeline 420 bash -c "$(declare -f pipeline); pipeline"
+
+# the users' scale, random weights: ~20 GB of model states on one GPU (teacher 28 GB bf16 before partitioning)
+stage real_scale_1gpu 900 "$PY" benchmarks/real_scale_dmd2.py --workdir "$WORK"
+gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${gpus:-0}" -ge 2 ]; then
+  stage real_scale_2gpu 900 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
+    benchmarks/real_scale_dmd2.py --workdir "$WORK"
+else
+  echo "=== real_scale_2gpu: skipped ($gpus GPU visible)"
+fi
 
 echo "gpu_check: $([ $status -eq 0 ] && echo all stages passed || echo SOME STAGES FAILED), logs in $LOG"
 exit $status
