@@ -95,20 +95,53 @@ def init_distributed(local_rank: int | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=lrank, device=device)
 
 
+def comm_device() -> torch.device:
+    """The device the process group's collectives take tensors on (the accelerator's; `cpu` under gloo)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Collective: each tensor takes rank `src`'s value in place, staged through the communication device (a no-op
+    without a group of two or more ranks). For tensors outside ZeRO-3's management, e.g. buffers."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return
+    device = comm_device()
+    for t in tensors:
+        staged = t.data if t.device == device else t.data.to(device)
+        torch.distributed.broadcast(staged, src=src)
+        if staged is not t.data:
+            t.data.copy_(staged)
+
+
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed config dicts (two builders: trainable roles and frozen roles)
 
 
-def load_template(path: str, source: str, key: str) -> dict:
-    """Read a DeepSpeed JSON template: as given, else relative to the recipe, else to the source tree."""
+def load_template(path: str, source: str, key: str, trainable: bool = False) -> dict:
+    """Read a DeepSpeed JSON template: as given, else relative to the recipe, else to the source tree.
+    A trainable role's template is also checked for ZeRO stage 3 (`check_train_template`)."""
     candidates = [Path(path), Path(source).parent / path, PACKAGE_ROOT / path]
     for p in candidates:
         if p.is_file():
             try:
-                return json.loads(p.read_text())
+                template = json.loads(p.read_text())
             except json.JSONDecodeError as exc:
                 raise RecipeError(f"{source}: {key}: {p} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            if trainable:
+                check_train_template(template, f"{source}: {key}: {p}")
+            return template
     raise RecipeError(f"{source}: {key}: DeepSpeed config template {path!r} not found")
+
+
+def check_train_template(template: dict, where: str) -> None:
+    """A trainable role must run ZeRO stage 3: its parameters are created already partitioned by zero.Init, which
+    a lower stage would treat as whole tensors. `where` names the file and key in the one-line error."""
+    stage = template.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        raise RecipeError(f"{where}: zero_optimization.stage is {stage}; trainable roles need stage 3 (their "
+                          f"parameters are partitioned when created); set \"stage\": 3")
 
 
 def _fill(cfg: dict, key: str, value: Any) -> None:
@@ -130,12 +163,17 @@ def _common(cfg: dict, micro_batch: int, grad_accum: int, world_size: int, preci
 
 
 def train_ds_config(
-    template: dict, *, micro_batch: int, grad_accum: int, world_size: int, precision: str, max_grad_norm: float
+    template: dict, *, micro_batch: int, grad_accum: int, world_size: int, precision: str, max_grad_norm: float,
+    grad_reduce_dtype: str = "fp32", where: str = "training.ds_config",
 ) -> dict:
-    """Config dict of a trainable role: ZeRO-3 with the recipe's batch arithmetic, precision and clipping."""
+    """Config dict of a trainable role: ZeRO-3 with the recipe's batch arithmetic, precision, clipping and the dtype
+    gradients are reduce-scattered in (DeepSpeed's `communication_data_type`; it defaults to the bf16 compute
+    dtype, which rounds every rank's contribution to 8 mantissa bits before they are summed)."""
+    check_train_template(template, where)
     cfg = _common(template, micro_batch, grad_accum, world_size, precision)
     # DeepSpeed 0.19 clips at 1.0 unless told otherwise; the recipe is the truth.
     _fill(cfg, "gradient_clipping", float(max_grad_norm))
+    _fill(cfg, "communication_data_type", grad_reduce_dtype)
     return cfg
 
 
@@ -293,11 +331,15 @@ class Strategy:
         engine.step()
 
     def all_finite(self, value: torch.Tensor) -> bool:
-        """True on every rank iff `value` is finite on every rank (one all-reduce)."""
-        bad = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0])
+        """True on every rank iff `value` is finite on every rank (one all-reduce on the group's device)."""
+        return not self._any_rank(torch.isfinite(value).all().logical_not())
+
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        """True on every rank iff the boolean `flag` is true on some rank."""
+        box = flag.to(device=self.dist.device, dtype=torch.float32).reshape(1)
         if self.dist.world_size > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return bad.item() == 0.0
+            torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+        return bool(box.item() > 0)
 
     def grads_finite(self, engine) -> bool:
         """After backward: whether every rank's ZeRO-3 gradient partition is finite (one pass, one all-reduce)."""
@@ -306,23 +348,25 @@ class Strategy:
             return not opt.has_overflow(partition_gradients=True)
         from deepspeed.utils import safe_get_local_grad
 
-        local = torch.zeros(1)
+        bad = torch.zeros((), dtype=torch.bool, device=self.dist.device)
         for p in engine.module.parameters():
             g = safe_get_local_grad(p) if p.requires_grad else None
-            if g is not None and not bool(torch.isfinite(g).all()):
-                local.fill_(1.0)
-                break
-        return self.all_finite(torch.where(local > 0, torch.tensor(float("nan")), local))
+            if g is not None:
+                bad |= torch.isfinite(g).all().logical_not().to(bad.device)
+        return not self._any_rank(bad)
+
+    @staticmethod
+    def skip_step(engine) -> None:
+        """Skip the optimizer step in progress (some micro-batch of it was non-finite): drop its gradients and move
+        DeepSpeed's micro-step counter to the step's boundary, so later steps keep their accumulation boundaries."""
+        engine.optimizer.zero_grad(set_to_none=True)
+        ga = engine.gradient_accumulation_steps()
+        engine.micro_steps = -(-engine.micro_steps // ga) * ga
 
     @staticmethod
     def corrupt_grads(engine) -> None:
         """Crash-test hook (DS_DISTILL_FAULT=nan_grad@N): poison this rank's gradient partition."""
         engine.optimizer.grad_partitions_flat_buffer[0] = float("nan")
-
-    @staticmethod
-    def discard_grads(engine) -> None:
-        """Drop the gradients of a backward whose step is skipped (the next backward overwrites, not adds)."""
-        engine.optimizer.zero_grad(set_to_none=True)
 
     @staticmethod
     def grad_norm(engine) -> float:
@@ -342,10 +386,17 @@ class Strategy:
         torch.distributed.barrier()
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Mean of a tensor over ranks (for logging)."""
-        out = value.detach().clone().float()
-        torch.distributed.all_reduce(out)
-        return out / self.dist.world_size
+        """Mean of a tensor over ranks (for logging), reduced on the group's device and returned on `value`'s."""
+        dtype = value.dtype if value.is_floating_point() else torch.float32
+        out = value.detach().to(device=self.dist.device, dtype=dtype, copy=True)
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(out)
+        return (out / self.dist.world_size).to(value.device)
+
+    @staticmethod
+    def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+        """Rank `src`'s values in place on every rank (see the module-level `broadcast_tensors`)."""
+        broadcast_tensors(tensors, src)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank `src`'s value on every rank."""
@@ -360,6 +411,68 @@ class Strategy:
         parts = [None] * self.dist.world_size if self.dist.rank == dst else None
         torch.distributed.gather_object(obj, parts, dst=dst)
         return parts
+
+    # -- ZeRO-3 weights seen as this rank's partitions (the EMA's view) --------------------------
+    @staticmethod
+    def master_partitions(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """This rank's fp32 master partition of every parameter, flat, in ZeRO-3 partition order (padded like
+        `ds_tensor`): the optimizer's fp32 copy where there is one (read-only views: copy before the next step),
+        else the partition itself in fp32; a module outside ZeRO-3 gives its whole flattened tensors."""
+        out = {}
+        for n, p in module.named_parameters():
+            master = None
+            if hasattr(p, "ds_tensor") and getattr(p, "_z3_optimizer", None) is not None and p.requires_grad:
+                from deepspeed.utils import safe_get_local_fp32_param
+
+                master = safe_get_local_fp32_param(p)
+            if master is None:
+                master = (p.ds_tensor if hasattr(p, "ds_tensor") else p.data).detach().reshape(-1).float()
+            out[n] = master
+        return out
+
+    @staticmethod
+    def partition_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+        """The whole shape of every parameter (what `master_partitions` slices)."""
+        return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+
+    @contextlib.contextmanager
+    def partitions_swapped_in(self, module: torch.nn.Module, partitions: dict[str, torch.Tensor]):
+        """Collective: inside the block the module computes with `partitions` (this rank's flat slice of every
+        parameter, as `master_partitions` gives them) cast to its parameter dtypes; afterwards the exact previous
+        weights are back. Parameters ZeRO-3 keeps gathered (at or below stage3_param_persistence_threshold) get
+        the whole new tensor too, assembled from every rank's slice."""
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for n, p in module.named_parameters():
+                    new = partitions[n]
+                    if not hasattr(p, "ds_tensor"):
+                        saved.append((p.data, p.data.clone()))
+                        p.data.copy_(new.reshape(p.shape))
+                        continue
+                    local = p.ds_tensor
+                    saved.append((local, local.clone()))
+                    local.copy_(new.reshape(local.shape))
+                    if p.ds_status == ZeroParamStatus.AVAILABLE:  # kept whole on every rank: write the whole
+                        saved.append((p.data, p.data.clone()))
+                        p.data.copy_(self._all_gather_flat(new, p.ds_process_group)[: p.ds_numel].view(p.ds_shape))
+            yield
+        finally:
+            with torch.no_grad():
+                for target, value in reversed(saved):
+                    target.copy_(value)
+
+    def _all_gather_flat(self, part: torch.Tensor, group=None) -> torch.Tensor:
+        """Every rank's equal-size flat `part`, concatenated in rank order (on `part`'s device)."""
+        world = torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
+        if world == 1:
+            return part.reshape(-1)
+        staged = part.detach().reshape(-1).to(self.dist.device)
+        out = torch.empty(world * staged.numel(), dtype=staged.dtype, device=self.dist.device)
+        torch.distributed.all_gather_into_tensor(out, staged, group=group)
+        return out.to(part.device)
 
     # -- checkpoints ----------------------------------------------------------------------------
     @staticmethod

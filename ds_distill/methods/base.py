@@ -87,19 +87,26 @@ class DistillMethod:
     def load_extra_checkpoint_files(self, role_dir_of) -> None:
         """Read what `extra_checkpoint_files` wrote."""
 
-    def update(self, role: RoleHandle, loss: torch.Tensor, step: int) -> bool:
-        """Backward and optimizer step of one role -- or neither, on every rank, when the loss or the gradient
-        is non-finite on any rank (weights and optimizer state never see a non-finite update)."""
-        if faults.armed("nan_loss", step):
+    def update(self, role: RoleHandle, loss: torch.Tensor, step: int, micro: int = 0, last: bool = True) -> bool:
+        """Backward of one micro-batch (`micro` of the step; `last` closes the step with the optimizer step) -- or
+        neither, on every rank, when the loss or the gradient is non-finite on any rank: then the whole step is
+        skipped (gradients of its earlier micro-batches dropped, DeepSpeed's accumulation boundaries kept), weights
+        and optimizer state never see a non-finite update, and the caller stops feeding this step's micro-batches.
+        Returns whether the step goes on (or, at `last`, was taken)."""
+        if faults.armed("nan_loss", step) or faults.armed(f"nan_loss_micro{micro}", step):
             loss = loss * float("nan")
         if not self.strategy.all_finite(loss.detach()):
             self.skipped.append(f"{role.name} loss")
+            self.strategy.skip_step(role.engine)
             return False
         self.adapter.backward(role, loss)
+        if not last:  # non-finite gradients survive accumulation: checked once, at the boundary
+            self.strategy.step(role.engine)
+            return True
         if faults.armed("nan_grad", step):
             self.strategy.corrupt_grads(role.engine)
         if not self.strategy.grads_finite(role.engine):
-            self.strategy.discard_grads(role.engine)
+            self.strategy.skip_step(role.engine)
             self.skipped.append(f"{role.name} gradient")
             return False
         self.strategy.step(role.engine)

@@ -144,10 +144,10 @@ def load_weights_streaming(module: torch.nn.Module, folder: Path, rank: int) -> 
     missing = [n for n in params if n not in seen]
     if missing:
         raise UserError(f"{folder}: weights for {missing[0]!r} are missing ({len(missing)} parameters)")
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        # Non-partitioned tensors (buffers, params below no threshold) were written on rank 0 only.
-        for t in list(buffers.values()) + [p for p in params.values() if not hasattr(p, "ds_id")]:
-            torch.distributed.broadcast(t.data, src=0)
+    # Non-partitioned tensors (buffers, parameters of a module built outside zero.Init) were written on rank 0 only.
+    from ds_distill.engines import broadcast_tensors
+
+    broadcast_tensors(list(buffers.values()) + [p for p in params.values() if not hasattr(p, "ds_id")], src=0)
 
 
 class _null:

@@ -34,7 +34,10 @@ class DMD2Config:
     rollout_mode: Optional[Literal["simulate", "data"]] = None
     """simulate: start from pure noise and run the student's few steps; data: noise dataset latents. Default simulate."""
     dmd_denoising_steps: Optional[list[int]] = None
-    """The student's raw timesteps in (0, 1000], descending; shifted by flow_shift. Default [1000, 750, 500, 250]."""
+    """The student's timesteps in (0, 1000], descending (see `warp_denoising_step`). Default [1000, 750, 500, 250]."""
+    warp_denoising_step: bool = True
+    """True: `dmd_denoising_steps` are raw steps, warped by flow_shift (S*u / (1 + (S-1)*u)) before use. False: they
+    are used exactly as given, as already-shifted timesteps (FastVideo's convention for its Wan 8-step list)."""
     generator_update_interval: Optional[int] = None
     """The student steps when step % interval == 0; the critic steps every iteration. Default 5."""
     real_score_guidance_scale: Optional[float] = None
@@ -131,8 +134,9 @@ class DMD2Method(DistillMethod):
         for src in cfg.legacy_sources:
             logger.warning("%s is deprecated; move it to method_config (method_config wins when both are set)", src)
         self.student, self.teacher, self.critic = self.bundle["student"], self.bundle["teacher"], self.bundle["critic"]
-        self.step_timesteps = self.adapter.shift_timesteps(torch.tensor(cfg.dmd_denoising_steps, dtype=torch.float32))
-        self.ema = PartitionedEMA(self.student.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        steps = torch.tensor(cfg.dmd_denoising_steps, dtype=torch.float32)
+        self.step_timesteps = self.adapter.shift_timesteps(steps) if cfg.warp_denoising_step else steps
+        self.ema = PartitionedEMA(self.student.module, cfg.ema_decay, self.strategy) if cfg.ema_decay > 0 else None
 
     # -- pieces ---------------------------------------------------------------------------------
     def score_timesteps(self, b: TrainingBatch, stream: str) -> torch.Tensor:
@@ -148,14 +152,14 @@ class DMD2Method(DistillMethod):
         ts = [steps[i].expand(b.batch_size) for i in range(len(steps))]
         dev = a.device
         if self.config.rollout_mode == "data":
-            eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, stream, extra=0).to(dev)
+            eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, stream, extra=0, device=dev)
             x = a.add_noise(b.latents, eps, ts[k])
         else:
-            x = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, stream, extra=0).to(dev)
+            x = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, stream, extra=0, device=dev)
             with torch.no_grad():
                 for i in range(k):
                     v = a.predict_noise(self.student, x, ts[i], b.cond)
-                    eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, stream, extra=i + 1).to(dev)
+                    eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, stream, extra=i + 1, device=dev)
                     _, x = a.sde_step(x, v, ts[i], ts[i + 1], eps)
         with torch.set_grad_enabled(with_grad):
             v = a.predict_noise(self.student, x, ts[k], b.cond)
@@ -168,7 +172,7 @@ class DMD2Method(DistillMethod):
         a, w = self.adapter, self.config.real_score_guidance_scale
         x0 = x0_gen.detach()
         t = self.score_timesteps(b, "score_timestep")
-        eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "score_noise").to(x0.device)
+        eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "score_noise", device=x0.device)
         x_t = a.add_noise(x0, eps, t)
         fake = a.predict_x0(self.critic, x_t, t, b.cond)
         real = a.predict_x0(self.teacher, x_t, t, b.cond)
@@ -188,7 +192,7 @@ class DMD2Method(DistillMethod):
         a = self.adapter
         x0 = self.student_sample(b, step, with_grad=False, stream="critic_rollout").detach()
         t = self.score_timesteps(b, "critic_timestep")
-        eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "critic_noise").to(x0.device)
+        eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "critic_noise", device=x0.device)
         x_t = a.add_noise(x0, eps, t)
         v = a.predict_noise(self.critic, x_t, t, b.cond)
         return self.mse(v, eps - x0)
@@ -213,8 +217,17 @@ class DMD2Method(DistillMethod):
         out["critic/loss"] = float(loss.detach())
         return out
 
+    def raw_denoising_steps(self) -> list[float]:
+        """The student's schedule as raw timesteps (what samplers shift by flow_shift): the list itself when it is
+        warped, else the raw timesteps whose shift gives the list back (u = s / (S - (S - 1) s), s = t / 1000)."""
+        steps = [float(t) for t in self.config.dmd_denoising_steps]
+        if self.config.warp_denoising_step:
+            return steps
+        shift = float(self.pipeline_config.flow_shift)
+        return [1000.0 * (t / 1000.0) / (shift - (shift - 1.0) * t / 1000.0) for t in steps]
+
     def validation_request(self) -> ValidationRequest:
-        return ValidationRequest(sampler_kind="sde", sampling_timesteps=list(self.config.dmd_denoising_steps),
+        return ValidationRequest(sampler_kind="sde", sampling_timesteps=self.raw_denoising_steps(),
                                  guidance_scale=1.0, use_ema=self.ema is not None)
 
     # -- state ----------------------------------------------------------------------------------

@@ -7,45 +7,31 @@ from pathlib import Path
 import torch
 
 
-def _local(p: torch.nn.Parameter) -> torch.Tensor:
-    """This rank's partition of a parameter (the whole tensor when it is not ZeRO-3 managed)."""
-    return p.ds_tensor if hasattr(p, "ds_tensor") else p.data
-
-
 class PartitionedEMA:
-    """fp32 shadow of each local partition; `swapped_in()` puts it into the module for sampling/export."""
+    """fp32 shadow of this rank's fp32 master partition of every parameter (partitioned and persistent alike);
+    `swapped_in()` puts it into the module for sampling. ZeRO-3 access goes through the strategy."""
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, module: torch.nn.Module, decay: float, strategy):
         self.module = module
         self.decay = decay
+        self.strategy = strategy
         self.names = [n for n, _ in module.named_parameters()]
-        self.shadow = {n: _local(p).detach().float().clone() for n, p in module.named_parameters()}
+        self.shadow = {n: t.detach().float().clone() for n, t in strategy.master_partitions(module).items()}
 
     @torch.no_grad()
     def update(self, step: int, start_step: int) -> None:
-        """Copy before `start_step`, then shadow = decay * shadow + (1 - decay) * weights."""
-        for n, p in self.module.named_parameters():
-            local = _local(p).float()
+        """Copy before `start_step`, then shadow = decay * shadow + (1 - decay) * master weights (fp32)."""
+        for n, master in self.strategy.master_partitions(self.module).items():
             if step < start_step:
-                self.shadow[n].copy_(local)
+                self.shadow[n].copy_(master)
             else:
-                self.shadow[n].lerp_(local, 1.0 - self.decay)
+                self.shadow[n].lerp_(master.float(), 1.0 - self.decay)
 
     @contextlib.contextmanager
     def swapped_in(self):
-        """Temporarily load the EMA weights into the module's partitions."""
-        saved = {}
-        with torch.no_grad():
-            for n, p in self.module.named_parameters():
-                local = _local(p)
-                saved[n] = local.clone()
-                local.copy_(self.shadow[n].to(local.dtype))
-        try:
+        """Collective: the module computes with the EMA weights inside the block; its own weights come back after."""
+        with self.strategy.partitions_swapped_in(self.module, self.shadow):
             yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.module.named_parameters():
-                    _local(p).copy_(saved[n])
 
     def file_for(self, role_dir: Path) -> Path:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
@@ -59,7 +45,7 @@ class PartitionedEMA:
 
         path = self.file_for(role_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.module.named_parameters()}
+        shapes = self.strategy.partition_shapes(self.module)
         save_file({n: t.contiguous() for n, t in self.shadow.items()}, str(path),
                   metadata={"shapes": json.dumps(shapes), "decay": str(self.decay)})
 

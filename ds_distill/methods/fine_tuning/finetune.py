@@ -29,7 +29,8 @@ class FinetuneConfig:
     precondition_outputs: bool = False
     """Regress x0 (x_t - sigma v) on the data instead of v on eps - x0."""
     training_cfg_rate: float = 0.0
-    """Probability of replacing a sample's text condition by the unconditional one."""
+    """Probability of dropping a sample's text condition: it becomes all zeros (the null condition; not the
+    negative prompt, which would teach the model that the negative prompt means "no prompt")."""
 
 
 def sample_u(cfg: FinetuneConfig, sample_ids: torch.Tensor, seed: int) -> torch.Tensor:
@@ -68,12 +69,12 @@ class FinetuneMethod(DistillMethod):
         b = a.prepare_batch(raw, latents_source="data")
         x0 = b.latents
         t = a.shift_timesteps(raw_timesteps_from_u(sample_u(cfg, b.sample_ids, self.seed)))
-        eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "noise").to(x0.device)
+        eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "noise", device=x0.device)
         x_t = a.add_noise(x0, eps, t)
         cond = b.cond
         if cfg.training_cfg_rate > 0:
             drop = rng.per_sample_rand(b.sample_ids, self.seed, "cfg_drop") < cfg.training_cfg_rate
-            cond = torch.where(drop.to(cond.device).view(-1, 1, 1), b.uncond, cond)
+            cond = torch.where(drop.to(cond.device).view(-1, 1, 1), torch.zeros_like(cond), cond)
         v = a.predict_noise(self.bundle["student"], x_t, t, cond)
         if cfg.precondition_outputs:
             sigma = a.sigma(t).to(v.device).view(-1, *([1] * (v.dim() - 1)))
@@ -83,10 +84,11 @@ class FinetuneMethod(DistillMethod):
     def train_one_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
         student = self.bundle["student"]
         losses = []
-        for raw in micro_batches:
+        for i, raw in enumerate(micro_batches):
             loss = self.loss(raw)
-            self.update(student, loss, step)
             losses.append(loss.detach())
+            if not self.update(student, loss, step, micro=i, last=i == len(micro_batches) - 1):
+                break  # the whole step is skipped: the rest of its micro-batches would be thrown away
         return {"student/loss": float(torch.stack(losses).mean())}
 
     def validation_request(self) -> ValidationRequest:
