@@ -424,7 +424,7 @@ class Encoders:
         import transformers
         from diffusers import AutoencoderKLWan
 
-        from ds_distill.models.wan import PromptEncoder
+        from ds_distill.models.wan import PromptEncoder, text_encoder_dtype
 
         # Our own bar is the progress display; per-load bars would interleave with it.
         diffusers.utils.logging.disable_progress_bar()
@@ -433,7 +433,7 @@ class Encoders:
         self.device = torch.device(device)
         self.vae = AutoencoderKLWan.from_pretrained(model_dir / "vae", torch_dtype=torch.float32).to(self.device)
         self.vae.eval()
-        self.text = PromptEncoder(model_dir, device=self.device)
+        self.text = PromptEncoder(model_dir, device=self.device, dtype=text_encoder_dtype(self.device))
 
     def latents(self, clips: list):
         """Posterior means [B, C, T, h, w] (fp32, CPU) of clips [3, T, H, W] in [-1, 1]."""

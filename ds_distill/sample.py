@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from ds_distill.models.components import resolve_model_dir, transformer_dir
-    from ds_distill.models.wan import PromptEncoder, latent_shape_for
+    from ds_distill.models.wan import PromptEncoder, latent_shape_for, text_encoder_dtype
     from ds_distill.samplers import check_raw_timesteps, denoiser_from_module, initial_noise, sample_latents
     from ds_distill.validators.prompts import check_text_dim, pad_embedding
     from ds_distill.validators.wan import WanDecoder, check_video_sizes, frames_to_uint8, write_mp4
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     uncond = None
     if text_base is not None:
         with loading("text encoder", text_base, "--model" if text_base == model_dir else "--components-from"):
-            encoder = PromptEncoder(text_base, device=device)
+            encoder = PromptEncoder(text_base, device=device, dtype=text_encoder_dtype(device))
         embeddings = encoder([p.caption for p in todo] + ([args.negative_prompt] if guidance > 1.0 else []),
                              args.text_len)
         for p, emb in zip(todo, embeddings):
