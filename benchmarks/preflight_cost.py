@@ -45,6 +45,7 @@ def recipe(model: Path, data: Path, out: Path, method: str) -> dict:
 def one_run(path: Path) -> tuple[float, float, float]:
     """(preflight s, start-up inside main s, start-up from process launch s)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_DISTILL_NO_TQDM="1", HF_HUB_OFFLINE="1")
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))  # the noise op's build cache
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     started = time.perf_counter()

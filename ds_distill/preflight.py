@@ -21,7 +21,7 @@ from pathlib import Path
 from ds_distill.errors import CheckpointError, DataError, RecipeError, UserError
 
 SAMPLE_ROWS = 32
-"""Rows decoded per dataset beyond the first and last row of every file (spread over all files, seeded)."""
+"""Rows decoded per dataset beyond the first row of every file (drawn over all files, seeded)."""
 
 
 @dataclass
@@ -34,6 +34,8 @@ class Preflight:
     resume_state: dict | None
     seconds: float = 0.0
     """How long the checks took (reported next to the start-up time)."""
+    import_seconds: float = 0.0
+    """Importing what the run loads anyway (diffusers, DeepSpeed), done first and not counted in `seconds`."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,10 +233,8 @@ def check_sizes(recipe, comps, source: str) -> tuple[int, int, int, int]:
 
 
 def sample_indices(dataset, count: int, seed: int = 0) -> list[int]:
-    """The first and last row of every file, plus `count` rows drawn across the whole dataset."""
-    picked = set()
-    for start, info in zip(dataset._starts, dataset.files):
-        picked.update((start, start + info.rows - 1))
+    """The first row of every file, plus `count` rows drawn across the whole dataset."""
+    picked = set(dataset._starts)
     rng = random.Random(seed)
     picked.update(rng.sample(range(len(dataset)), min(count, len(dataset))))
     return sorted(picked)
@@ -353,6 +353,10 @@ def run(recipe, checked, resume: str | None, overwrite: bool = False) -> Preflig
     from ds_distill.utils.config import resolve_path
     from ds_distill.utils.dataloader import ParquetDataset
 
+    imports = time.perf_counter()
+    import deepspeed  # noqa: F401  (the run needs both right after; importing them is not a check's cost)
+    from diffusers import WanTransformer3DModel  # noqa: F401
+
     started = time.perf_counter()
     src, t = recipe.source, recipe.training
     components, weights_checked = {}, set()
@@ -383,4 +387,4 @@ def run(recipe, checked, resume: str | None, overwrite: bool = False) -> Preflig
     check_output_dir(output_dir, src, checkpoint_bytes(components, recipe, ema), resume, overwrite)
     resume_path, state = check_resume(output_dir, resume, recipe, components) if resume else (None, None)
     return Preflight(dataset=dataset, components=components, resume_path=resume_path, resume_state=state,
-                     seconds=time.perf_counter() - started)
+                     seconds=time.perf_counter() - started, import_seconds=started - imports)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -95,8 +96,9 @@ def run(args, preemption, started: float) -> int:
     found = preflight.run(recipe, checked, args.resume, args.overwrite)
     output_dir = Path(t.output_dir)
     if found.resume_state is not None and int(found.resume_state["step"]) >= t.max_train_steps:
-        print(f"{found.resume_path} is at step {found.resume_state['step']} and training.max_train_steps is "
-              f"{t.max_train_steps}: nothing to train (raise training.max_train_steps to continue)", flush=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # every rank stops here, before any process group
+            print(f"{found.resume_path} is at step {found.resume_state['step']} and training.max_train_steps is "
+                  f"{t.max_train_steps}: nothing to train (raise training.max_train_steps to continue)", flush=True)
         return 0
 
     from ds_distill.engines import Strategy, init_distributed
@@ -189,8 +191,9 @@ def train_with(args, recipe, checked, found, strategy, preemption, started: floa
     if dist.is_main:
         write_text_atomic(output_dir / "recipe.yaml", dump_recipe(recipe))
         total = time.perf_counter() - started
-        logger.info("start-up: preflight %.2f s of %.2f s before the first step (%.1f%%)", found.seconds, total,
-                    100 * found.seconds / total if total > 0 else 0.0)
+        logger.info("start-up: preflight %.2f s of %.2f s before the first step (%.1f%%; imports the run needs "
+                    "anyway, done before the checks: %.2f s)", found.seconds, total,
+                    100 * found.seconds / total if total > 0 else 0.0, found.import_seconds)
     trainer.train()
     if trainer.stopped_by is not None:
         code = preemption.CODES[trainer.stopped_by]
