@@ -4,6 +4,8 @@ Runs `python -m ds_distill.train` on the tiny Wan and toy data (finetune, 1 step
 and reads the run's own log line `start-up: preflight P s of S s before the first step`, where S counts from
 `main()` to the first step. It also times, from outside, the whole start-up: from launching the process to that
 line (interpreter and imports included). Target: preflight <= 10% of the start-up. Median of --repeats runs.
+Importing diffusers and DeepSpeed, which the run needs right after the checks, happens before the checks are
+timed: preflight moves that cost earlier, it does not add it.
 
     python benchmarks/preflight_cost.py [--repeats 3] [--workdir DIR]
 """
