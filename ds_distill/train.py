@@ -17,7 +17,9 @@ logger = logging.getLogger("ds_distill")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from ds_distill.cli import ArgumentParser  # argparse whose mistakes are one-line UserErrors
+
+    p = ArgumentParser(
         prog="python -m ds_distill.train",
         description="Train (finetune or distill) a video diffusion transformer from a schema-v2 recipe.",
         allow_abbrev=False,

@@ -280,5 +280,19 @@ def test_bad_run_input(name, tiny_wan, toy_data, tmp_path, capsys):
     assert snapshot(out) == before  # every file of the earlier run is byte-identical
 
 
+@pytest.mark.parametrize("argv, fragment", [
+    ([], "the following arguments are required: --config"),
+    (["--config"], "argument --config: expected one argument"),
+])
+def test_command_line_mistakes_are_one_line(argv, fragment, capsys):
+    from ds_distill.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert exc.value.code == 2 and len(lines) == 1 and fragment in lines[0] and "Traceback" not in err, err
+
+
 def test_enough_cases():
     assert len(CASES) >= 20
