@@ -10,6 +10,10 @@ loads it. The weights are DeepSpeed's fp32 master partitions (`--ema`: the EMA p
 as DeepSpeed's own `zero_to_fp32` does, then cast to `--dtype`. fp32 and bf16 runs convert alike (a bf16 run's
 optimizer files are DeepSpeed's `bf16_zero_pp_rank_*`; its master weights are fp32 all the same).
 
+OUT is written aside and renamed into place whole. A non-empty OUT is refused unless `--overwrite`, which replaces
+only an earlier export (its shards carry the `ds_distill_export` metadata mark), and only once the new one is
+complete; the old one is removed after the swap.
+
 Memory: every rank's partition file is memory-mapped; each parameter is copied out of its per-rank slices and
 the mapped pages under those slices are given back at once, so peak memory is one output shard plus one
 parameter, whatever the model size or rank count. The Adam moments in the same files are never read.
