@@ -42,6 +42,22 @@ def test_trainable_template_below_stage_3_is_a_one_line_recipe_error(stage, tmp_
     assert load_template(str(TRAIN_T0), source, "training.ds_config", trainable=True) == ok
 
 
+def test_stage_2_template_stops_the_run_before_anything_is_written(tiny_wan, toy_data, tmp_path, capsys):
+    from ds_distill.train import main
+
+    path, _ = stage_template(tmp_path, 2)
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", finetune_recipe(tiny_wan, toy_data, out, ds_config=str(path)))
+    with pytest.raises(SystemExit) as exc:
+        raise SystemExit(main(["--config", str(recipe)]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: {recipe}: training.ds_config: {path}: zero_optimization.stage is 2;"), err
+    assert not out.exists()
+
+
 def test_grad_reduce_dtype_reaches_deepspeed_and_bf16_trains_with_it(tiny_wan, toy_data, dist_env, tmp_path):
     from ds_distill.engines import OptimizerSpec, Strategy, train_ds_config
     from ds_distill.models.wan import WanFamily
