@@ -7,15 +7,19 @@ text-only dataset. Then `torchrun --nproc_per_node 2` runs `python -m ds_distill
 recipe (student, teacher and critic all built under zero.Init and streamed from those shards) for 3 iterations
 at 5 frames 64x64, text_len 16.
 
-Each rank records, without changing what runs: peak RSS while loading (until the first forward) and during
-training (the kernel's high-water mark, reset in between), and the most ZeRO-3 parameter elements it ever
-held gathered at once (every module's forward, plus a thread sampling every 2 ms through backward and the
-optimizer steps). The parent prints them against DeepSpeed's own model-state estimate for the three roles
-(`estimate_zero3_model_states_mem_needs`: trainable roles without offload; the frozen teacher with its
-parameter-only term) plus the measured RSS of a process that only imports torch, deepspeed, diffusers and
-ds_distill, and judges peak <= 1.3x (estimate + imports) and gathered < one role's size.
+Each rank records, without changing what runs: peak RSS while loading (until the first forward), during the
+iterations, and while saving the final checkpoint (the kernel's high-water mark, reset at each boundary; the
+save is noted by a wrapper around DeepSpeedEngine.save_checkpoint that only reads the mark), and the most
+ZeRO-3 parameter elements it ever held gathered at once (every module's forward, plus a thread sampling every
+2 ms through backward and the optimizer steps). The parent prints them against DeepSpeed's own model-state
+estimate for the three roles (`estimate_zero3_model_states_mem_needs`: trainable roles without offload; the
+frozen teacher with its parameter-only term) plus the measured RSS of a process that only imports torch,
+deepspeed, diffusers and ds_distill, and judges peak (load and iterations) <= 1.3x (estimate + imports) and
+gathered < one role's size. The templates are the stock ones with persistence threshold 0 and, by default,
+`--live 1e7` for max_live_parameters / max_reuse_distance / prefetch_bucket_size (`--stock-live`: the stock
+1e9 / 1e9 / 5e7, under which ZeRO-3 keeps every used parameter gathered until the step ends).
 
-    python benchmarks/scale_rehearsal.py [--layers 2] [--keep DIR]
+    python benchmarks/scale_rehearsal.py [--layers 2] [--live 1e7 | --stock-live] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -141,6 +145,7 @@ class Watch:
         self.max_gathered = 0
         self.phase = "load"
         self.peak_load = 0
+        self.peak_train = 0
         self.reset_ok = False
         self.done = threading.Event()
 
@@ -164,6 +169,13 @@ class Watch:
     def post_forward(self, _module, _args, _out) -> None:
         self.note()
 
+    def before_save(self) -> None:
+        """The first checkpoint save ends the training phase (its memory is reported on its own)."""
+        if self.phase == "train":
+            self.peak_train = _read_status("VmHWM")
+            self.reset_ok = self.reset_ok and _reset_peak()
+            self.phase = "save"
+
     def sample(self) -> None:
         while not self.done.wait(0.002):
             self.note()
@@ -177,6 +189,15 @@ def rank_main(config: str, out_json: str) -> int:
     post = torch.nn.modules.module.register_module_forward_hook(watch.post_forward)
     sampler = threading.Thread(target=watch.sample, daemon=True)
     sampler.start()
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    save = DeepSpeedEngine.save_checkpoint
+
+    def noted_save(engine, *args, **kwargs):  # records the peak so far, then saves as before
+        watch.before_save()
+        return save(engine, *args, **kwargs)
+
+    DeepSpeedEngine.save_checkpoint = noted_save
     from ds_distill.train import main
 
     started = time.perf_counter()
@@ -185,8 +206,11 @@ def rank_main(config: str, out_json: str) -> int:
     sampler.join()
     pre.remove()
     post.remove()
+    end = _read_status("VmHWM")
+    saved = watch.phase == "save"
     result = {"rank": int(os.environ.get("RANK", 0)), "code": code, "peak_load": watch.peak_load,
-              "peak_train": _read_status("VmHWM"), "peak_train_is_own": watch.reset_ok,
+              "peak_train": watch.peak_train if saved else end, "peak_save": end if saved else 0,
+              "peak_train_is_own": watch.reset_ok,
               "max_gathered": watch.max_gathered, "zero_params": len(watch.params),
               "seconds": time.perf_counter() - started}
     Path(out_json.replace("{rank}", str(result["rank"]))).write_text(json.dumps(result))
@@ -285,9 +309,10 @@ def main() -> int:
         whole = r["max_gathered"] >= counts["total"]
         ok &= fits and not whole and r["zero_params"] > 0
         note = "" if r["peak_train_is_own"] else " (peak mark could not be reset: training figure includes load)"
-        print(f"rank {r['rank']}: peak RSS at load {gib(r['peak_load'])}, during training {gib(r['peak_train'])}"
-              f"{note} -> {peak / (est_total + imports):.2f}x (estimate + imports) "
-              f"[{'ok' if fits else 'OVER'} <= {BOUND}x]")
+        print(f"rank {r['rank']}: peak RSS at load {gib(r['peak_load'])}, during the 3 iterations "
+              f"{gib(r['peak_train'])}{note} -> {peak / (est_total + imports):.2f}x (estimate + imports) "
+              f"[{'ok' if fits else 'OVER'} <= {BOUND}x]; while saving the final checkpoint "
+              f"{gib(r['peak_save'])} ({r['peak_save'] / (est_total + imports):.2f}x)")
         print(f"rank {r['rank']}: most ZeRO-3 elements gathered at once {r['max_gathered'] / 1e6:.1f}M of "
               f"{r['zero_params']} partitioned tensors = {r['max_gathered'] / counts['total']:.0%} of one role "
               f"({counts['total'] / 1e6:.1f}M, {gib(role_bytes)} in bf16): "

@@ -6,14 +6,14 @@
   ds       ds_distill: the `finetune` method through the trainer's engines (FinetuneMethod.train_one_step)
 
 Both DeepSpeed ways use the stock templates with stage3_param_persistence_threshold 0 (every tensor partitioned,
-as at the users' scale) and torch's own linear (see write_templates). Each way runs in its own process (so peak RSS is its own); a round runs plain, bare
-and ds one after the other, and the rounds repeat (`--rounds`). The ratios are taken inside each round (ratio
-of that round's medians, so a busy machine slows both sides of a ratio alike) and the median over rounds is
-the figure; every round's ratio and the load average are printed too. Each step is timed in wall seconds and
-in CPU seconds of its process (all threads): on a shared machine the wall figure also counts the time spent
-waiting for a core, the CPU figure only the work.
+as at the users' scale) and torch's own linear (see write_templates). Each way runs in its own process (so peak
+RSS is its own); a round runs plain, bare and ds one after the other, and the rounds repeat (`--rounds`). The
+ratios are taken inside each round (ratio of that round's medians, so a busy machine slows both sides of a ratio
+alike) and the median over rounds is the figure; every round's ratio and the load average are printed too. Each
+step is timed in wall seconds and in CPU seconds of its process (all threads): on a shared machine the wall
+figure also counts the time spent waiting for a core, the CPU figure only the work.
 
-    python benchmarks/step_overhead.py [--steps 8] [--threads 1] [--batch 2] [--rounds 3]
+    python benchmarks/step_overhead.py [--steps 8] [--threads 1] [--batch 2] [--rounds 3] [--no-plain]
 """
 from __future__ import annotations
 
