@@ -175,7 +175,7 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
                 nvme_path=t.nvme_path,
             )
         ds_configs[name] = cfg
-        module = family.load_transformer(comps[name], strategy, cfg)
+        module = family.load_transformer(comps[name], strategy, cfg, trainable=spec.trainable)
         apply_trainable(module, spec.trainable)
         strategy.mark_leaf_modules(module, family.zero3_leaf_modules)
         ckpt = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else t.gradient_checkpointing
