@@ -326,9 +326,12 @@ class Strategy:
         engine.backward(loss)
 
     @staticmethod
-    def step(engine) -> None:
-        """Optimizer step (clipping, LR schedule) of one engine; always paired with its backward."""
+    def step(engine) -> bool:
+        """Optimizer step (clipping, LR schedule) of one engine; always paired with its backward. At a step
+        boundary: False when DeepSpeed skipped the update because the global gradient norm was not finite (the
+        same verdict on every rank: the norm is all-reduced; gradients are dropped, LR schedule not advanced)."""
         engine.step()
+        return engine.was_step_applied()
 
     def all_finite(self, value: torch.Tensor) -> bool:
         """True on every rank iff `value` is finite on every rank (one all-reduce on the group's device)."""
@@ -342,7 +345,8 @@ class Strategy:
         return bool(box.item() > 0)
 
     def grads_finite(self, engine) -> bool:
-        """After backward: whether every rank's ZeRO-3 gradient partition is finite (one pass, one all-reduce)."""
+        """After backward: whether every rank's ZeRO-3 gradient partition is finite (one pass, one all-reduce). Not on
+        the training path, where `step` asks DeepSpeed, whose global gradient norm already answers it."""
         opt = engine.optimizer
         if getattr(opt, "grad_partitions_flat_buffer", None) is not None:
             return not opt.has_overflow(partition_gradients=True)

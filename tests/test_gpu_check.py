@@ -1,17 +1,13 @@
 """tools/gpu_check.sh --cpu-smoke: the real-scale DMD2 script of the GPU check, at tiny size on the CPU, so the
 script cannot rot between GPU runs."""
-import os
-import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, run_cli
 
 
 def test_gpu_check_cpu_smoke():
-    env = dict(os.environ, PYTHON=sys.executable)
-    out = subprocess.run(["bash", "tools/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600)
+    # run_cli drops the rendezvous variables the in-process one-rank group (dist_env) left in os.environ
+    out = run_cli(["bash", "tools/gpu_check.sh", "--cpu-smoke"], cwd=REPO, env={"PYTHON": sys.executable}, timeout=600)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     lines = out.stdout.splitlines()

@@ -105,11 +105,11 @@ class DistillMethod:
             return True
         if faults.armed("nan_grad", step):
             self.strategy.corrupt_grads(role.engine)
-        if not self.strategy.grads_finite(role.engine):
-            self.strategy.skip_step(role.engine)
+        # DeepSpeed's ZeRO-3 step takes the all-reduced global gradient norm and, when it is not finite, leaves
+        # weights, optimizer state and LR schedule alone on every rank: ask it instead of scanning the gradients again
+        if not self.strategy.step(role.engine):
             self.skipped.append(f"{role.name} gradient")
             return False
-        self.strategy.step(role.engine)
         return True
 
     @staticmethod
