@@ -166,7 +166,7 @@ def run_way(way: str, workdir: Path, steps: int, batch: int) -> dict:
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu)
     return {"way": way, "times": times[2:], "cpu_times": cpu_times[2:], "peak_rss_mb": peak_rss_mb(),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
 
 
 def median(xs):
