@@ -45,6 +45,22 @@ class RecipeSpec:
 
 
 @dataclass
+class LoraSpec:
+    """Low-rank adapters on a trainable role (peft through diffusers' adapter support); the base stays frozen."""
+
+    rank: int = 16
+    """Adapter rank r."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / rank) * B @ A."""
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """Module names (peft's suffix matching) that get adapters; default: the attention projections."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    init: Literal["gaussian", "zeros", "default"] = "default"
+    """Adapter initialisation: peft's default (B = 0, so training starts at the base model) or gaussian."""
+
+
+@dataclass
 class RoleSpec:
     """One model role (student, teacher, critic, ...)."""
 
@@ -60,6 +76,8 @@ class RoleSpec:
     """ZeRO-3 parameter offload for this role; defaults to training.offload_param (frozen roles only)."""
     gradient_checkpointing: Optional[bool] = None
     """Activation checkpointing of the transformer blocks; defaults to training.gradient_checkpointing."""
+    lora: Optional[LoraSpec] = None
+    """Train low-rank adapters instead of the full weights (trainable roles only)."""
 
 
 @dataclass
