@@ -193,3 +193,18 @@ def test_exit_index_stops_early(runtime):
             assert len(calls) == rng.shared_randint(4, 0, "critic_rollout", step) + 1
     finally:
         hook.remove()
+
+
+def test_trailing_zero_ends_the_schedule(tiny_wan, toy_data, tmp_path):
+    """FastVideo's lists end with 0 (the end of the schedule, not a step): it is dropped; a 0 elsewhere is refused."""
+    from ds_distill.errors import RecipeError
+
+    def checked(steps):
+        recipe = dmd2_recipe(tiny_wan, toy_data, tmp_path / "out", method={"dmd_denoising_steps": steps})
+        return check_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", recipe))).method_config
+
+    assert checked([999, 750, 500, 250, 0]).dmd_denoising_steps == [999, 750, 500, 250]
+    assert checked([1000, 750, 500, 250]).dmd_denoising_steps == [1000, 750, 500, 250]
+    for bad in ([0], [1000, 0, 0], [500, 0, 250]):
+        with pytest.raises(RecipeError, match="method_config.dmd_denoising_steps"):
+            checked(bad)

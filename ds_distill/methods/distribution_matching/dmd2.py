@@ -34,7 +34,8 @@ class DMD2Config:
     rollout_mode: Optional[Literal["simulate", "data"]] = None
     """simulate: start from pure noise and run the student's few steps; data: noise dataset latents. Default simulate."""
     dmd_denoising_steps: Optional[list[int]] = None
-    """The student's timesteps in (0, 1000], descending (see `warp_denoising_step`). Default [1000, 750, 500, 250]."""
+    """The student's timesteps in (0, 1000], descending (see `warp_denoising_step`). Default [1000, 750, 500, 250].
+    A trailing 0 (FastVideo's end-of-schedule mark, e.g. [999, 750, 500, 250, 0]) is dropped."""
     warp_denoising_step: bool = True
     """True: `dmd_denoising_steps` are raw steps, warped by flow_shift (S*u / (1 + (S-1)*u)) before use. False: they
     are used exactly as given, as already-shifted timesteps (FastVideo's convention for its Wan 8-step list)."""
@@ -93,9 +94,12 @@ class DMD2Method(DistillMethod):
     def check_config(cls, config: DMD2Config, training, source: str) -> None:
         resolve_knobs(config, training, source)
         steps = config.dmd_denoising_steps
+        if steps and len(steps) > 1 and steps[-1] == 0:  # FastVideo ends its lists with 0: the end, not a step
+            steps = config.dmd_denoising_steps = list(steps[:-1])
         if not steps or any(not 0 < s <= 1000 for s in steps) or steps != sorted(steps, reverse=True):
             raise RecipeError(f"{source}: method_config.dmd_denoising_steps: expected descending raw timesteps "
-                              f"in (0, 1000], e.g. [1000, 750, 500, 250]; got {steps}")
+                              f"in (0, 1000], e.g. [1000, 750, 500, 250] (a trailing 0 is allowed: it marks the end); "
+                              f"got {steps}")
         if config.generator_update_interval < 1:
             raise RecipeError(f"{source}: method_config.generator_update_interval: must be at least 1")
         if not 0 <= config.min_timestep_ratio < config.max_timestep_ratio <= 1:
