@@ -91,6 +91,7 @@ def run(args, preemption, started: float) -> int:
         return 0
     t = recipe.training
     preemption.grace_s = t.preemption_grace_s
+    world_size_matches(recipe)
 
     # Check first, write second: everything a user can get wrong is found before the output folder is touched.
     from ds_distill import preflight
@@ -117,6 +118,19 @@ def run(args, preemption, started: float) -> int:
     finally:
         ckpt.release_lock(lock)
     return code
+
+
+def world_size_matches(recipe) -> None:
+    """`training.num_gpus` against the launcher's world size, before anything is loaded or written; rank 0 says
+    it in one line, the other ranks exit quietly with the same code."""
+    from ds_distill.utils.config import check_world_size
+
+    try:
+        check_world_size(recipe, int(os.environ.get("WORLD_SIZE", "1")))
+    except UserError:
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.exit(2)
+        raise
 
 
 def take_ownership(output_dir: Path, overwrite: bool, strategy) -> Path | None:

@@ -113,8 +113,7 @@ class Trainer:
         self.dataset = dataset
         self.validator = validator
         self.output_dir = Path(self.t.output_dir)
-        enabled = self.dist.is_main and "tensorboard" in self.t.trackers
-        self.tracker = Tracker(self.output_dir / "logs", enabled)
+        self.tracker = Tracker.for_run(runtime.recipe, self.dist.is_main)
         if validator is not None:
             validator.tracker = self.tracker
         self.step = 0

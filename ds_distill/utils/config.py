@@ -86,8 +86,9 @@ class TrainingConfig:
 
     output_dir: str
     """Where checkpoints, logs, validation videos and the resolved recipe go."""
-    data_path: str
-    """A parquet file or a directory of parquet files (FastVideo T2V schema, or text-only)."""
+    data_path: Union[str, dict[str, int]]
+    """A parquet file or a directory of parquet files (FastVideo T2V schema, or text-only); or a mapping
+    {path: repeat_count} that mixes datasets, each row of a path drawn repeat_count times per epoch."""
     max_train_steps: int = 1000
     """Number of optimizer steps (DMD2: iterations) to run."""
     train_batch_size: int = 1
@@ -96,6 +97,9 @@ class TrainingConfig:
     """Micro-batches per optimizer step (finetune only)."""
     dataloader_num_workers: int = 2
     """DataLoader worker processes per rank."""
+    num_gpus: Optional[int] = None
+    """Total ranks the recipe was written for (all nodes); when set, a launch with another world size stops with
+    one line. Unset: any world size."""
     seed: int = 0
     """Seed for data order, noise, timesteps and control flow (same on every rank)."""
     mixed_precision: Literal["fp32", "bf16"] = "bf16"
@@ -158,17 +162,24 @@ class TrainingConfig:
     log_steps: int = 1
     """Write scalars every N steps."""
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Experiment trackers: `tensorboard` (built in) or none."""
+    """Experiment trackers, several at once: `tensorboard` (built in), `wandb` (the optional `wandb` package;
+    WANDB_MODE=offline logs locally), or `none`."""
+    tracker_project_name: str = "ds_distill"
+    """wandb project of the run."""
+    wandb_run_name: Optional[str] = None
+    """wandb run name (default: wandb's own)."""
     log_validation: bool = False
     """Run validation before training and every `validation_steps`."""
     validation_steps: int = 200
     """Validation cadence in steps."""
     validation_dataset_file: Optional[str] = None
     """Validation prompts: JSON {"data": [{"caption": ...}, ...]} or a parquet file with text embeddings."""
-    validation_sampling_steps: int = 50
-    """Sampling steps for validation of methods that do not choose their own."""
+    validation_sampling_steps: list[int] = field(default_factory=lambda: [50])
+    """Sampling steps for validation of methods that do not choose their own; several counts validate at each.
+    Also read as FastVideo's legacy string (`"8"`, `"4,8"`) or a single integer."""
     validation_guidance_scale: float = 5.0
-    """Classifier-free guidance for validation of methods that do not choose their own."""
+    """Classifier-free guidance for validation of methods that do not choose their own (a legacy string such
+    as `"5.0"` is read as the number)."""
     validation_seed: int = 42
     """Seed of the validation noise (fixed across validations)."""
     generator_update_interval: Optional[int] = None
@@ -202,11 +213,17 @@ class Recipe:
     method_config: dict[str, Any] = field(default_factory=dict)
     source: str = "<recipe>"
     """The file the recipe came from (for error messages); not part of the YAML."""
+    attn_kind: Optional[str] = field(default=None, init=False)
+    """`method_config.attn_kind` when the recipe sets it: a knob every method accepts (taken out of method_config
+    when loading, put back by `to_dict`). Unset means dense."""
 
     def to_dict(self) -> dict:
         """The recipe as plain data (what `--print-config` prints and the run saves)."""
         data = dataclasses.asdict(self)
         data.pop("source")
+        attn_kind = data.pop("attn_kind")
+        if attn_kind is not None:
+            data["method_config"]["attn_kind"] = attn_kind
         return data
 
 
@@ -228,7 +245,10 @@ def _type_name(hint: Any) -> str:
         return "one of " + " | ".join(str(a) for a in typing.get_args(hint))
     if origin in (list, tuple):
         return "a list"
-    if origin is dict or dataclasses.is_dataclass(hint):
+    if origin is dict:
+        val_hint = typing.get_args(hint)[1]
+        return f"a mapping whose values are {_type_name(val_hint)}s" if val_hint in (int, float, str) else "a mapping"
+    if dataclasses.is_dataclass(hint):
         return "a mapping"
     return str(hint)
 
@@ -251,6 +271,15 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         raise RecipeError(f"{source}: {key}: expected {_type_name(inner)}, got null")
     hint = inner
     origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):  # several shapes (e.g. a path or a {path: count} mapping): first fit
+        arms = [a for a in typing.get_args(hint) if a is not type(None)]
+        for arm in arms:
+            try:
+                return coerce(value, arm, key, source)
+            except RecipeError:
+                continue
+        shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+        raise RecipeError(f"{source}: {key}: expected {' or '.join(_type_name(a) for a in arms)}, got {shown}")
 
     def bad():
         shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
@@ -396,23 +425,101 @@ def check_finite(data: Any, source: str, key: str = "") -> None:
             check_finite(v, source, f"{key}[{i}]")
 
 
+ATTN_KINDS = ("dense",)
+"""Attention kinds a recipe may name in `method_config.attn_kind` (sparse kinds are not implemented)."""
+
+
+def looks_like_fastvideo(data: dict) -> bool:
+    """FastVideo's `fastvideo/train` layout: `models:` / `method:` entries carrying `_target_`."""
+    sections = [data.get("models"), data.get("method")]
+    models = data.get("models")
+    if isinstance(models, dict):
+        sections += list(models.values())
+    return any(isinstance(s, dict) and "_target_" in s for s in sections)
+
+
+def legacy_step_counts(value: Any, key: str, source: str) -> Any:
+    """FastVideo's legacy `validation_sampling_steps` (`"8"`, `"4,8"`, or an integer) as a list of counts."""
+    if isinstance(value, bool):
+        return value  # left for the type check to name
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, str):
+        try:
+            counts = [int(part) for part in value.split(",")]
+        except ValueError:
+            raise RecipeError(f"{source}: {key}: expected step counts like \"8\" or \"4,8\" (comma-separated "
+                              f"integers), got {value!r}") from None
+        return counts
+    return value
+
+
+def normalize_legacy(data: dict, source: str) -> dict:
+    """Spellings older recipes and FastVideo use, read as schema v2 (a new mapping; `data` is not changed)."""
+    data = copy.deepcopy(data)
+    training = data.get("training")
+    if isinstance(training, dict) and "validation_sampling_steps" in training:
+        training["validation_sampling_steps"] = legacy_step_counts(
+            training["validation_sampling_steps"], "training.validation_sampling_steps", source)
+    return data
+
+
 def recipe_from_mapping(data: dict, source: str) -> Recipe:
     """Validate a raw mapping as schema v2 (without checking the method's own knobs)."""
     check_finite(data, source)
     if "distill" in data:
         raise RecipeError(f"{source}: distill: {V1_HINT}")
+    if looks_like_fastvideo(data):
+        raise RecipeError(f"{source}: models: this is FastVideo's fastvideo/train layout; convert it once with "
+                          f"`ds-distill import-recipe {source} OUT.yaml` and train from OUT.yaml")
     if "models" in data and "roles" not in data:
         raise RecipeError(f"{source}: models: this section is called `roles:` in schema v2; rename it")
     if "recipe" not in data:
         raise RecipeError(f"{source}: recipe: required section is missing (recipe: {{family: wan, method: ...}})")
+    data = normalize_legacy(data, source)
+    method_config = data.get("method_config")
+    attn_kind = None
+    if isinstance(method_config, dict) and "attn_kind" in method_config:
+        attn_kind = method_config.pop("attn_kind")
+        if attn_kind not in ATTN_KINDS:
+            raise RecipeError(f"{source}: method_config.attn_kind: {attn_kind!r} is not available (attention "
+                              f"kinds: {', '.join(ATTN_KINDS)}); use dense or remove the key")
     recipe = from_dict(Recipe, data, "", source)
     recipe.source = source
+    recipe.attn_kind = attn_kind
     if not recipe.roles:
         raise RecipeError(f"{source}: roles: at least one role is required")
     for name, role in recipe.roles.items():
         if role.family is None:
             role.family = recipe.recipe.family
+    check_training(recipe.training, source)
     return recipe
+
+
+def check_training(t: TrainingConfig, source: str) -> None:
+    """Value checks of the keys this module reads into shapes of their own (data mixes, step lists, num_gpus)."""
+    if isinstance(t.data_path, dict):
+        if not t.data_path:
+            raise RecipeError(f"{source}: training.data_path: the mapping is empty; give {{path: repeat_count}} "
+                              f"entries or one path")
+        for path, count in t.data_path.items():
+            if count < 1:
+                raise RecipeError(f"{source}: training.data_path.{path}: repeat count {count} must be at least 1 "
+                                  f"(remove the entry to leave that dataset out)")
+    if not t.validation_sampling_steps or any(n < 1 for n in t.validation_sampling_steps):
+        raise RecipeError(f"{source}: training.validation_sampling_steps: every step count must be at least 1, got "
+                          f"{t.validation_sampling_steps}")
+    if t.num_gpus is not None and t.num_gpus < 1:
+        raise RecipeError(f"{source}: training.num_gpus: must be at least 1 (or leave it out)")
+
+
+def check_world_size(recipe: Recipe, world_size: int) -> None:
+    """`training.num_gpus`, when set, must equal the launched number of ranks."""
+    n = recipe.training.num_gpus
+    if n is not None and n != world_size:
+        raise RecipeError(f"{recipe.source}: training.num_gpus: the recipe is for {n} rank(s), this launch has "
+                          f"{world_size}; launch {n} (e.g. deepspeed --num_gpus {n}), or set "
+                          f"training.num_gpus={world_size}")
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:

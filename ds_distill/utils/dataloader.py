@@ -41,16 +41,63 @@ class _FileInfo:
     group_starts: list[int]
 
 
-class ParquetDataset(torch.utils.data.Dataset):
-    """Rows of one or many parquet files; returns raw latents (if wanted) and padded text embeddings."""
+def data_sources(path: str | Path | dict) -> list[tuple[Path, int]]:
+    """`training.data_path` as (path, repeat count) pairs: one path counts once."""
+    if isinstance(path, dict):
+        return [(Path(p), int(n)) for p, n in path.items()]
+    return [(Path(path), 1)]
 
-    def __init__(self, path: str | Path, text_len: int, need_latents: bool, cache_row_groups: int = 2):
+
+@dataclass
+class _Segment:
+    """One data source in index space: `rows` physical rows from `physical_start` on, each `repeat` times."""
+
+    source: int
+    start: int
+    rows: int
+    repeat: int
+    physical_start: int
+
+
+class ParquetDataset(torch.utils.data.Dataset):
+    """Rows of one or many parquet files; returns raw latents (if wanted) and padded text embeddings.
+
+    `path` may be a mapping {path: repeat_count} that mixes datasets: a source of R rows repeated n times holds
+    R*n indices (row i at i, R+i, 2R+i, ...), so an epoch -- a permutation of all indices -- draws from each source
+    in proportion to rows x repeat count."""
+
+    def __init__(self, path: str | Path | dict, text_len: int, need_latents: bool, cache_row_groups: int = 2):
         self.text_len = text_len
         self.need_latents = need_latents
         self.files: list[_FileInfo] = []
         self._starts: list[int] = []
-        total = 0
+        """Index of each file's first row (in its source's first repeat)."""
+        self._physical: list[int] = []
+        self.segments: list[_Segment] = []
         needed = list(TEXT_COLUMNS) + (list(LATENT_COLUMNS) if need_latents else [])
+        total = physical = 0
+        for number, (source, repeat) in enumerate(data_sources(path)):
+            segment = _Segment(source=number, start=total, rows=0, repeat=repeat, physical_start=physical)
+            for info in self._read_files(source, needed):
+                self.files.append(info)
+                self._starts.append(total + segment.rows)
+                self._physical.append(physical)
+                segment.rows += info.rows
+                physical += info.rows
+            if segment.rows:
+                self.segments.append(segment)
+                total += segment.rows * repeat
+        if total == 0:
+            raise DataError(f"{path}: the dataset has no rows")
+        self.num_rows = total
+        self.columns = needed + ["caption"]
+        self._cache: OrderedDict = OrderedDict()
+        self._cache_size = cache_row_groups
+
+    @staticmethod
+    def _read_files(path: Path, needed: list[str]) -> list[_FileInfo]:
+        """The non-empty parquet files of one source, with the columns a run needs checked."""
+        infos = []
         for f in parquet_files(path):
             try:
                 meta = pq.ParquetFile(f)
@@ -70,17 +117,9 @@ class ParquetDataset(torch.utils.data.Dataset):
             for g in range(meta.num_row_groups):
                 starts.append(acc)
                 acc += meta.metadata.row_group(g).num_rows
-            if acc == 0:
-                continue
-            self.files.append(_FileInfo(f, acc, starts))
-            self._starts.append(total)
-            total += acc
-        if total == 0:
-            raise DataError(f"{path}: the dataset has no rows")
-        self.num_rows = total
-        self.columns = needed + ["caption"]
-        self._cache: OrderedDict = OrderedDict()
-        self._cache_size = cache_row_groups
+            if acc:
+                infos.append(_FileInfo(f, acc, starts))
+        return infos
 
     def __len__(self) -> int:
         return self.num_rows
@@ -99,15 +138,25 @@ class ParquetDataset(torch.utils.data.Dataset):
             self._cache.popitem(last=False)
         return table
 
+    def _file_row(self, index: int) -> tuple[int, int]:
+        """(file number, row within that file) of an index (repeats of a source map to the same rows)."""
+        seg = self.segments[bisect.bisect_right([s.start for s in self.segments], index) - 1]
+        physical = seg.physical_start + (index - seg.start) % seg.rows
+        fi = bisect.bisect_right(self._physical, physical) - 1
+        return fi, physical - self._physical[fi]
+
+    def source_of(self, index: int) -> int:
+        """Which entry of `training.data_path` an index draws from (0 for a single path)."""
+        return self.segments[bisect.bisect_right([s.start for s in self.segments], index) - 1].source
+
     def locate(self, index: int) -> tuple[Path, int]:
         """The file of a global row index and the row number within that file (what error messages name)."""
-        fi = bisect.bisect_right(self._starts, index) - 1
-        return self.files[fi].path, index - self._starts[fi]
+        fi, local = self._file_row(index)
+        return self.files[fi].path, local
 
     def row(self, index: int) -> tuple[dict, Path, int]:
         """The raw columns of one row, its file, and its row number within that file."""
-        fi = bisect.bisect_right(self._starts, index) - 1
-        local = index - self._starts[fi]
+        fi, local = self._file_row(index)
         info = self.files[fi]
         g = bisect.bisect_right(info.group_starts, local) - 1
         table = self._row_group(fi, g)

@@ -1,11 +1,11 @@
 """Validation videos for Wan roles: sample the validated role with the requested loop, decode with the VAE,
-write mp4 files and TensorBoard videos. Method-agnostic: what to run comes from `method.validation_request()`.
+write mp4 files and tracker videos. Method-agnostic: what to run comes from `method.validation_request()`.
 
 Collectives: the role is called under no_grad, so ZeRO-3 gathers its weights on every forward -- every rank
 must make the same number of calls. Prompts are split across ranks and each rank's list is padded to the
 same length (the padding samples are thrown away); the call count per prompt depends only on the request.
-Each rank decodes and writes the videos it sampled; rank 0 writes the manifest and, when TensorBoard is on,
-logs the frames the other ranks send it.
+Each rank decodes and writes the videos it sampled; rank 0 writes the manifest and, when a tracker (TensorBoard,
+wandb) is on, logs the frames the other ranks send it.
 """
 from __future__ import annotations
 
@@ -110,8 +110,8 @@ class WanValidator:
     Prompts are read (all ranks) and captions encoded (rank 0, then broadcast) once at construction, with the
     family's text encoder (`prompt_source`, shared with start-up's negative prompt and released here). Every rank
     loads the VAE for a run, decodes its own videos and frees it. Videos land in
-    `output_dir/validation/step-<N>/<i>-<slug>.mp4` (written by the rank that sampled them) and in TensorBoard under
-    `validation/<i>-<slug>`. Prompt i is seeded with `validation_seed + i`, so a video does not depend on the
+    `output_dir/validation/step-<N>/<i>-<slug>.mp4` (written by the rank that sampled them) and in the trackers
+    under `validation/<i>-<slug>`. Prompt i is seeded with `validation_seed + i`, so a video does not depend on the
     number of ranks.
     """
 
@@ -214,9 +214,21 @@ class WanValidator:
     # -- the run ----------------------------------------------------------------------------------
     def run(self, method, step: int) -> list[Path]:
         """Collective: every rank samples, decodes and writes its share; rank 0 writes the manifest and the
-        TensorBoard videos. Returns the files this rank wrote."""
+        tracker videos. Several step counts (`training.validation_sampling_steps: "4,8"`) validate at each, in
+        `step-<N>/steps-<K>/` and under `validation/steps-<K>/`. Returns the files this rank wrote."""
+        requests = method.validation_request().expand()
+        if len(requests) == 1:
+            return self.run_one(method, step, requests[0], self.output_dir / f"step-{step}", "validation")
+        paths = []
+        for request in requests:
+            k = request.sampling_steps
+            paths += self.run_one(method, step, request, self.output_dir / f"step-{step}" / f"steps-{k}",
+                                  f"validation/steps-{k}")
+        return paths
+
+    def run_one(self, method, step: int, request: ValidationRequest, folder: Path, tag: str) -> list[Path]:
+        """One validation pass with one sampling schedule (see `run`)."""
         started = time.perf_counter()
-        request = method.validation_request()
         role = method.validation_role()
         ema = getattr(method, "ema", None) if request.use_ema else None
         weights = ema.swapped_in() if ema is not None else contextlib.nullcontext()
@@ -231,11 +243,10 @@ class WanValidator:
                         mine[index] = latents
         finally:
             role.module.train(was_training)
-        # Rank 0 alone knows whether TensorBoard is on (the other ranks' trackers are off).
+        # Rank 0 alone knows whether a tracker is on (the other ranks' trackers are off).
         to_tracker = self.tracker is not None and self.tracker.enabled
         if self.dist.world_size > 1:
             to_tracker = self.strategy.broadcast_object(to_tracker)
-        folder = self.output_dir / f"step-{step}"
         error = None
         try:
             paths, entries = self.decode_and_write(mine, folder, to_tracker)
@@ -252,7 +263,7 @@ class WanValidator:
             raise RuntimeError(f"validation at step {step}: decoding videos failed on {error}")
         if self.dist.is_main:
             entries = sorted((e for part, _ in parts for e in part), key=lambda e: e["index"])
-            self.write_manifest(folder, entries, step, request, ema is not None)
+            self.write_manifest(folder, entries, step, request, ema is not None, tag)
             logger.info("validation at step %d: %d videos (%s, %s%s) on %d rank(s) in %.1f s -> %s", step,
                         len(entries), request.sampler_kind, describe_schedule(request),
                         ", EMA weights" if ema is not None else "", self.dist.world_size,
@@ -281,12 +292,14 @@ class WanValidator:
         return paths, entries
 
     def write_manifest(self, folder: Path, entries: list[dict], step: int, request: ValidationRequest,
-                       ema: bool) -> None:
-        """Rank 0: TensorBoard videos and a manifest of what was sampled (and which rank decoded it)."""
+                       ema: bool, tag: str = "validation") -> None:
+        """Rank 0: tracker videos and a manifest of what was sampled (and which rank decoded it)."""
         for e in entries:
             frames = e.pop("frames")
             if frames is not None and self.tracker is not None:
-                self.tracker.log_video(f"validation/{Path(e['file']).stem}", frames, step, fps=self.fps)
+                mp4 = folder / e["file"]  # written by another rank: here too when the file system is shared
+                self.tracker.log_video(f"{tag}/{Path(e['file']).stem}", frames, step, fps=self.fps,
+                                       path=mp4 if mp4.is_file() else None)
         steps = len(request.sampling_timesteps) if request.sampling_timesteps is not None else request.sampling_steps
         meta = {"step": step, "sampler_kind": request.sampler_kind, "sampling_steps": steps,
                 "sampling_timesteps": request.sampling_timesteps, "guidance_scale": request.guidance_scale,
