@@ -7,12 +7,13 @@ Also runs as `python -m ds_distill.report`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import sys
 import traceback
+
+from ds_distill.errors import exit_on_user_error
 
 CPU_BUILD_TIME = "~40 s"
 CUDA_BUILD_TIME = "~2-3 min"
@@ -148,9 +149,12 @@ def toolchain_and_backends(builders) -> None:
     print("-" * 60)
 
 
+@exit_on_user_error
 def main(argv=None) -> int:
     """Print the report; 0 even when an op is unavailable (the reference then runs)."""
-    parser = argparse.ArgumentParser(
+    from ds_distill.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="ds-distill report",
         description="DeepSpeed's ds_report with ds_distill's ops added, then torch/CUDA/nvcc/ninja versions and "
         "the backend each op would use now (builds nothing).",

@@ -371,6 +371,10 @@ def case_demo_steps_not_a_number(tmp, wan, toy):
     return ["demo", "--output-dir", str(tmp / "out"), "--dmd-steps", "ten"], ["--dmd-steps", "invalid int value"]
 
 
+def case_report_unknown_option(tmp, wan, toy):
+    return ["report", "--bogus"], ["ds-distill report", "unrecognized arguments: --bogus"]
+
+
 def case_cli_option_instead_of_command(tmp, wan, toy):
     return ["--version"], ["unknown command '--version'"]
 
