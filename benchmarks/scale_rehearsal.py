@@ -148,6 +148,8 @@ class Watch:
         self.peak_train = 0
         self.reset_ok = False
         self.done = threading.Event()
+        self.label = "load"
+        self.rss_peaks: dict[str, int] = {}
 
     def gathered(self) -> int:
         return sum(p.ds_numel for p in list(self.params.values()) if p.ds_status in self.gathered_states)
@@ -179,6 +181,9 @@ class Watch:
     def sample(self) -> None:
         while not self.done.wait(0.002):
             self.note()
+            rss, label = _read_status("VmRSS"), self.label
+            if rss > self.rss_peaks.get(label, 0):
+                self.rss_peaks[label] = rss
 
 
 def rank_main(config: str, out_json: str) -> int:
@@ -198,6 +203,23 @@ def rank_main(config: str, out_json: str) -> int:
         return save(engine, *args, **kwargs)
 
     DeepSpeedEngine.save_checkpoint = noted_save
+    engines: dict[int, int] = {}
+
+    def labelled(name: str):  # sets the phase label the sampler files its RSS readings under
+        original = getattr(DeepSpeedEngine, name)
+
+        def call(engine, *args, **kwargs):
+            index = engines.setdefault(id(engine), len(engines))
+            before, watch.label = watch.label, f"{name} engine {index}"
+            try:
+                return original(engine, *args, **kwargs)
+            finally:
+                watch.label = before if name == "forward" else f"after {name} engine {index}"
+
+        setattr(DeepSpeedEngine, name, call)
+
+    for name in ("forward", "backward", "step"):
+        labelled(name)
     from ds_distill.train import main
 
     started = time.perf_counter()
@@ -211,7 +233,7 @@ def rank_main(config: str, out_json: str) -> int:
     result = {"rank": int(os.environ.get("RANK", 0)), "code": code, "peak_load": watch.peak_load,
               "peak_train": watch.peak_train if saved else end, "peak_save": end if saved else 0,
               "peak_train_is_own": watch.reset_ok,
-              "max_gathered": watch.max_gathered, "zero_params": len(watch.params),
+              "max_gathered": watch.max_gathered, "rss_peaks": watch.rss_peaks, "zero_params": len(watch.params),
               "seconds": time.perf_counter() - started}
     Path(out_json.replace("{rank}", str(result["rank"]))).write_text(json.dumps(result))
     return 0 if code in (0, None) else int(code)
@@ -317,6 +339,10 @@ def main() -> int:
               f"{r['zero_params']} partitioned tensors = {r['max_gathered'] / counts['total']:.0%} of one role "
               f"({counts['total'] / 1e6:.1f}M, {gib(role_bytes)} in bf16): "
               f"{'never a whole role' if not whole else 'HELD A WHOLE ROLE'}")
+    for r in ranks:
+        top = sorted(r["rss_peaks"].items(), key=lambda kv: -kv[1])[:6]
+        print(f"rank {r['rank']}: highest RSS samples by phase (engines numbered in order of first use): "
+              + "; ".join(f"{k} {gib(v)}" for k, v in top))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
