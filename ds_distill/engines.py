@@ -418,12 +418,15 @@ class Strategy:
 
     # -- ZeRO-3 weights seen as this rank's partitions (the EMA's view) --------------------------
     @staticmethod
-    def master_partitions(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """This rank's fp32 master partition of every parameter, flat, in ZeRO-3 partition order (padded like
-        `ds_tensor`): the optimizer's fp32 copy where there is one (read-only views: copy before the next step),
-        else the partition itself in fp32; a module outside ZeRO-3 gives its whole flattened tensors."""
+    def master_partitions(module: torch.nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's fp32 master partition of every parameter (`trainable_only`: of those that require grad, e.g.
+        a LoRA role's adapters), flat, in ZeRO-3 partition order (padded like `ds_tensor`): the optimizer's fp32 copy
+        where there is one (read-only views: copy before the next step), else the partition itself in fp32; a module
+        outside ZeRO-3 gives its whole flattened tensors."""
         out = {}
         for n, p in module.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
             master = None
             if hasattr(p, "ds_tensor") and getattr(p, "_z3_optimizer", None) is not None and p.requires_grad:
                 from deepspeed.utils import safe_get_local_fp32_param
@@ -435,23 +438,26 @@ class Strategy:
         return out
 
     @staticmethod
-    def partition_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    def partition_shapes(module: torch.nn.Module, trainable_only: bool = False) -> dict[str, list[int]]:
         """The whole shape of every parameter (what `master_partitions` slices)."""
-        return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+        return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()
+                if p.requires_grad or not trainable_only}
 
     @contextlib.contextmanager
     def partitions_swapped_in(self, module: torch.nn.Module, partitions: dict[str, torch.Tensor]):
         """Collective: inside the block the module computes with `partitions` (this rank's flat slice of every
         parameter, as `master_partitions` gives them) cast to its parameter dtypes; afterwards the exact previous
         weights are back. Parameters ZeRO-3 keeps gathered (at or below stage3_param_persistence_threshold) get
-        the whole new tensor too, assembled from every rank's slice."""
+        the whole new tensor too, assembled from every rank's slice. Parameters not in `partitions` are untouched."""
         from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
         saved: list[tuple[torch.Tensor, torch.Tensor]] = []
         try:
             with torch.no_grad():
                 for n, p in module.named_parameters():
-                    new = partitions[n]
+                    new = partitions.get(n)
+                    if new is None:
+                        continue
                     if not hasattr(p, "ds_tensor"):
                         saved.append((p.data, p.data.clone()))
                         p.data.copy_(new.reshape(p.shape))
@@ -480,15 +486,30 @@ class Strategy:
 
     # -- checkpoints ----------------------------------------------------------------------------
     @staticmethod
+    def has_frozen(engine) -> bool:
+        """Whether the engine's module has frozen parameters (a LoRA role: its base, read from the role's path)."""
+        return any(not p.requires_grad for p in engine.module.parameters())
+
+    @staticmethod
     def save(engine, save_dir: str | os.PathLike, tag: str, client_state: dict) -> None:
-        """Collective: every rank writes its partition of `tag` under `save_dir`."""
-        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+        """Collective: every rank writes its partition of `tag` under `save_dir`. Frozen parameters (a LoRA role's
+        base) are left out: the checkpoint holds the trained weights and their optimizer state only."""
+        engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=Strategy.has_frozen(engine))
+        peft_config = getattr(engine.module, "peft_config", None)
+        if peft_config and torch.distributed.get_rank() == 0:
+            from ds_distill.utils.module_state import LORA_CONFIG_FILE
+
+            config = peft_config["default"].to_dict()
+            (Path(save_dir) / tag / LORA_CONFIG_FILE).write_text(json.dumps(config, indent=2, default=sorted) + "\n")
 
     @staticmethod
     def load(engine, load_dir: str | os.PathLike, tag: str) -> dict:
-        """Collective: restore module, optimizer and LR schedule; returns the saved client state."""
+        """Collective: restore module, optimizer and LR schedule; returns the saved client state. Frozen parameters
+        keep the values the role was built with (a checkpoint without them is not strict about the module)."""
         path, client_state = engine.load_checkpoint(
-            str(load_dir), tag=tag, load_module_strict=True, load_optimizer_states=True, load_lr_scheduler_states=True
+            str(load_dir), tag=tag, load_module_strict=not Strategy.has_frozen(engine), load_optimizer_states=True,
+            load_lr_scheduler_states=True,
         )
         if path is None:
             from ds_distill.errors import CheckpointError

@@ -1,7 +1,7 @@
 """A ZeRO-3 checkpoint -> a Diffusers safetensors directory, streamed (`tools/convert_zero_to_safetensors.py`).
 
     python tools/convert_zero_to_safetensors.py CHECKPOINT OUT [--role student] [--dtype fp32|bf16|fp16]
-        [--max-shard-size 5GB] [--ema] [--base MODEL_DIR [--link-base]] [--overwrite]
+        [--max-shard-size 5GB] [--ema] [--base MODEL_DIR [--link-base]] [--lora | --merge] [--overwrite]
 
 CHECKPOINT is a `checkpoint-<step>` folder, a role folder inside one, or a training `output_dir` (meaning its
 newest complete checkpoint). OUT gets `transformer/` (config.json plus safetensors shards named as diffusers
@@ -9,6 +9,13 @@ names them); with `--base` it also gets the base pipeline's other components, so
 loads it. The weights are DeepSpeed's fp32 master partitions (`--ema`: the EMA partitions), reassembled exactly
 as DeepSpeed's own `zero_to_fp32` does, then cast to `--dtype`. fp32 and bf16 runs convert alike (a bf16 run's
 optimizer files are DeepSpeed's `bf16_zero_pp_rank_*`; its master weights are fp32 all the same).
+
+A LoRA role's checkpoint holds its adapters only (and `lora_config.json`, the peft config). `--lora` writes them
+as a Diffusers LoRA file, `OUT/pytorch_lora_weights.safetensors` (diffusers' `get_peft_model_state_dict` and
+`WanPipeline.save_lora_weights`, with the adapter config as metadata), which `WanPipeline.load_lora_weights(OUT)`
+loads onto the base model. `--merge` writes full weights with the adapters folded in (diffusers' `fuse_lora` on the
+base transformer, read from --base or the role's path in recipe.yaml), laid out as a plain export; it holds the
+whole base model in fp32 in memory while it merges.
 
 OUT is written aside and renamed into place whole. A non-empty OUT is refused unless `--overwrite`, which replaces
 only an earlier export (its shards carry the `ds_distill_export` metadata mark), and only once the new one is
@@ -47,6 +54,8 @@ if TYPE_CHECKING:
 # torch is imported only once weights are read, so a wrong path or flag is reported at once.
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+"""The file name diffusers' save_lora_weights / load_lora_weights use by default."""
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 EMA_DIR = "ema"
 MARK = "ds_distill_export"
@@ -496,12 +505,13 @@ def _human(nbytes: float) -> str:
     return f"{nbytes:.1f} TB"
 
 
-def write_transformer(role: PartitionedRole, tensors: list[_Tensor], out: Path, dtype: torch.dtype,
-                      max_bytes: int, log=print) -> tuple[int, int]:
-    """Write the shards (each assembled, saved, freed in turn) and the index; returns (shards, bytes)."""
+def write_transformer(role, tensors: list[_Tensor], out: Path, dtype: torch.dtype,
+                      max_bytes: int, log=print, source: str | None = None) -> tuple[int, int]:
+    """Write the shards (each assembled by `role.assemble`, saved, freed in turn) and the index; returns
+    (shards, bytes). `source` (default: the role folder) is recorded in every shard's metadata."""
     from safetensors.torch import save_file
 
-    source = f"{role.rc.role_dir}{' EMA' if role.ema else ''}"
+    source = source or f"{role.rc.role_dir}{' EMA' if role.ema else ''}"
 
     shards = plan_shards(tensors, dtype, max_bytes)
     weight_map, total = {}, 0
@@ -538,9 +548,104 @@ def copy_base(base: Path, out: Path, link: bool) -> list[str]:
     return names
 
 
+# -- LoRA checkpoints ---------------------------------------------------------------------------------------------
+def lora_config_of(rc: RoleCheckpoint) -> dict | None:
+    """The peft config a LoRA role's checkpoint was saved with (None: a role trained in full)."""
+    from ds_distill.utils.module_state import LORA_CONFIG_FILE
+
+    path = rc.role_dir / LORA_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable LoRA config ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("r"), int):
+        raise CheckpointError(f"{path}: not a peft LoraConfig (no rank `r`)")
+    return config
+
+
+def adapter_model(transformer_config: dict, lora: dict, base_dir: Path | None = None):
+    """The transformer with the adapters of `lora` added by diffusers' `add_adapter`: on the meta device (no memory)
+    without `base_dir`, else with the base weights of `base_dir` in fp32."""
+    import torch
+    from diffusers import WanTransformer3DModel
+    from peft import LoraConfig
+
+    config = LoraConfig.from_peft_type(**lora)
+    if base_dir is None:
+        with torch.device("meta"):
+            model = WanTransformer3DModel.from_config({k: v for k, v in transformer_config.items()
+                                                       if not k.startswith("_")})
+            model.add_adapter(config)
+    else:
+        model = WanTransformer3DModel.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+        model.add_adapter(config)
+    return model
+
+
+def load_adapters(model, role: PartitionedRole, tensors: list[_Tensor], where: str, assign: bool) -> None:
+    """Put the checkpoint's adapter tensors (fp32) into `model`, whose adapter names they must match exactly."""
+    import torch
+
+    from ds_distill.utils.module_state import lora_parameter_names
+
+    want = set(lora_parameter_names(model))
+    have = {t.name for t in tensors}
+    if want != have:
+        odd = sorted(want ^ have)[0]
+        raise CheckpointError(f"{where}: its adapters do not match those its lora_config.json gives this transformer "
+                              f"(e.g. {odd!r})")
+    state = {t.name: role.assemble(t, torch.float32) for t in tensors}
+    unexpected = model.load_state_dict(state, strict=False, assign=assign).unexpected_keys
+    if unexpected:
+        raise CheckpointError(f"{where}: {unexpected[0]!r} is not a parameter of the model")
+
+
+def write_lora(model, out: Path, dtype: torch.dtype, source: str) -> tuple[int, int]:
+    """The adapters as a Diffusers LoRA file (`LORA_WEIGHTS_NAME`), through peft's `get_peft_model_state_dict` and
+    `WanPipeline.save_lora_weights`, with the adapter config as metadata; returns (tensors, bytes)."""
+    from diffusers import WanPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k: v.to(dtype).contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    metadata = model.peft_config["default"].to_dict()
+    metadata = {k: sorted(v) if isinstance(v, set) else v for k, v in metadata.items()}
+    WanPipeline.save_lora_weights(str(out), transformer_lora_layers=state, weight_name=LORA_WEIGHTS_NAME,
+                                  transformer_lora_adapter_metadata=metadata)
+    (out / f"{MARK}.json").write_text(json.dumps({"source": source}) + "\n")
+    return len(state), sum(v.numel() * v.element_size() for v in state.values())
+
+
+class _InMemory:
+    """A state dict seen as the converter's roles are (`assemble`), for writing merged weights."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def tensors(self) -> list[_Tensor]:
+        return [_Tensor(n, tuple(v.shape)) for n, v in self.state.items()]
+
+    def assemble(self, t: _Tensor, dtype: torch.dtype) -> torch.Tensor:
+        v = self.state[t.name]
+        return v.to(dtype if v.is_floating_point() else v.dtype).contiguous()
+
+
+def base_weights_dir(config_file: Path, where: str) -> Path:
+    """The base transformer folder (beside its config.json) that --merge reads, checked to hold weights."""
+    folder = config_file.parent
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"{where}: --merge needs the base weights, and {folder} has no .safetensors; pass --base "
+                        "MODEL_DIR (the pipeline the run started from)")
+    return folder
+
+
 def is_export(folder: Path) -> bool:
     """True if `folder` is an export this converter wrote: its transformer/ holds config.json and safetensors
-    shards that carry our mark (a model folder from anywhere else is never replaced by --overwrite)."""
+    shards that carry our mark, or it is a LoRA export (our mark file beside the LoRA file). A model folder from
+    anywhere else is never replaced by --overwrite."""
+    if (Path(folder) / LORA_WEIGHTS_NAME).is_file() and (Path(folder) / f"{MARK}.json").is_file():
+        return True
     shards = sorted((Path(folder) / "transformer").glob("*.safetensors"))
     if not shards or not (Path(folder) / "transformer" / "config.json").is_file():
         return False
@@ -574,12 +679,17 @@ class ExportResult:
 
 def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | None = None, dtype: str = "fp32",
             max_shard_size: str | int = "5GB", ema: bool = False, base: str | os.PathLike | None = None,
-            link_base: bool = False, overwrite: bool = False, log=print) -> ExportResult:
+            link_base: bool = False, overwrite: bool = False, lora: bool = False, merge: bool = False,
+            log=print) -> ExportResult:
     """Convert one role of a ZeRO-3 checkpoint into OUT (see the module docstring); all-or-nothing."""
     from ds_distill.cli import check_output_dir
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    if lora and merge:
+        raise UserError("--lora and --merge: pick one (the adapters alone, or full weights with them folded in)")
+    if lora and link_base:
+        raise UserError("--link-base: a --lora export holds the adapters only; drop --base/--link-base")
     max_bytes = max_shard_size if isinstance(max_shard_size, int) else parse_size(max_shard_size)
     out = check_output_dir(out, "OUT", overwrite, swap=True, replaceable=is_export,
                            what="an export this converter wrote")
@@ -593,15 +703,34 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"{config_file}: cannot read the transformer config ({exc})") from None
+    lora_cfg = lora_config_of(rc)
+    if lora_cfg is None and (lora or merge):
+        raise UserError(f"{rc.role_dir}: holds full weights, not LoRA adapters; export it without "
+                        f"{'--lora' if lora else '--merge'}")
+    if lora_cfg is not None and not (lora or merge):
+        raise UserError(f"{rc.role_dir}: holds LoRA adapters only (the base stays in the role's model folder); "
+                        "export them with --lora (a Diffusers LoRA file) or --merge (full weights, adapters folded in)")
+    base_dir = base_weights_dir(config_file, str(rc.role_dir)) if merge else None
     import torch
 
     role_w = PartitionedRole(rc, ema=ema)
     tensors = role_w.tensors
-    expected = expected_state(config)
-    if expected is None:
+    where = str(rc.role_dir) + (" (EMA)" if ema else "")
+    adapters = None
+    if lora_cfg is not None:
+        adapters = adapter_model(config, lora_cfg, base_dir)
+        load_adapters(adapters, role_w, tensors, where, assign=base_dir is None)
+        if merge:
+            adapters.fuse_lora(lora_scale=1.0)
+            adapters.unload_lora()
+            role_w = _InMemory(adapters.state_dict())
+            tensors = role_w.tensors()
+            adapters = None
+    expected = None if lora else expected_state(config)
+    if expected is None and not lora:
         log(f"note: diffusers cannot build {config.get('_class_name')!r} from {config_file}; names and shapes are "
             "written unchecked")
-    else:
+    elif expected is not None:
         check_against_config(tensors, expected, str(rc.role_dir) + (" (EMA)" if ema else ""), config_file)
         order = {k: i for i, k in enumerate(expected)}
         tensors = sorted(tensors, key=lambda t: order[t.name])
@@ -609,16 +738,23 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     what = f"{rc.checkpoint.name}/{rc.role}{' EMA' if ema else ''} (step {rc.step}, {rc.world_size} rank" \
            f"{'s' if rc.world_size > 1 else ''})"
-    log(f"converting {what} -> {out}")
+    kind = " as a LoRA file" if lora else " merged into its base" if merge else ""
+    log(f"converting {what}{kind} -> {out}")
     old = None
+    source = f"{rc.role_dir}{' EMA' if ema else ''}"
     try:
         if tmp.exists():
             shutil.rmtree(tmp)
-        (tmp / "transformer").mkdir(parents=True)
-        shutil.copyfile(config_file, tmp / "transformer" / "config.json")
-        shards, nbytes = write_transformer(role_w, tensors, tmp / "transformer", getattr(torch, DTYPES[dtype]),
-                                           max_bytes, log)
-        components = copy_base(Path(base), tmp, link_base) if base is not None else []
+        if lora:
+            tmp.mkdir(parents=True)
+            shards, nbytes = write_lora(adapters, tmp, getattr(torch, DTYPES[dtype]), source)
+            components = []
+        else:
+            (tmp / "transformer").mkdir(parents=True)
+            shutil.copyfile(config_file, tmp / "transformer" / "config.json")
+            shards, nbytes = write_transformer(role_w, tensors, tmp / "transformer", getattr(torch, DTYPES[dtype]),
+                                               max_bytes, log, source=source)
+            components = copy_base(Path(base), tmp, link_base) if base is not None else []
         ckpt.fsync_tree(tmp)  # on disk before it takes OUT's name
         if out.exists() or out.is_symlink():
             old = out.with_name(f"{out.name}.old-{os.getpid()}")
@@ -645,6 +781,11 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
             log(f"note: the previous export, moved to {old}, could not be removed; remove it yourself")
     result = ExportResult(out, rc.checkpoint, rc.role, ema, len(tensors),
                           sum(t.numel for t in tensors), shards, nbytes, components)
+    if lora:
+        log(f"wrote {out}/{LORA_WEIGHTS_NAME}: {result.num_params:,} adapter values in {result.num_tensors} "
+            f"tensors (rank {lora_cfg['r']}, alpha {lora_cfg.get('lora_alpha')}), {dtype}, {_human(nbytes)}; load it "
+            f"with WanPipeline.load_lora_weights or ds-distill sample --lora")
+        return result
     log(f"wrote {out}/transformer: {result.num_params:,} values in {result.num_tensors} tensors, {dtype}, "
         f"{shards} file{'s' if shards > 1 else ''}, {_human(nbytes)}"
         + (f"; pipeline components from {base}: {', '.join(components)}" if components else ""))
@@ -669,6 +810,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pipeline directory: its transformer config, and its other components copied into OUT")
     p.add_argument("--link-base", action="store_true",
                    help="symlink --base's components instead of copying them (OUT then depends on MODEL_DIR)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--lora", action="store_true",
+                      help=f"a LoRA role: write its adapters as a Diffusers LoRA file (OUT/{LORA_WEIGHTS_NAME})")
+    kind.add_argument("--merge", action="store_true",
+                      help="a LoRA role: write full weights with the adapters folded into the base")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT if it is an earlier export (swapped in only once the new one is complete)")
     return p
@@ -681,7 +827,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError("--link-base needs --base")
     try:
         convert(args.checkpoint, args.out, role=args.role, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                ema=args.ema, base=args.base, link_base=args.link_base, overwrite=args.overwrite)
+                ema=args.ema, base=args.base, link_base=args.link_base, overwrite=args.overwrite, lora=args.lora,
+                merge=args.merge)
     except KeyboardInterrupt:
         print(f"interrupted: {args.out} is as it was (nothing half-written is left)", file=sys.stderr, flush=True)
         return 130

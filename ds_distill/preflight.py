@@ -75,12 +75,13 @@ def check_output_dir(path: Path, source: str, need_bytes: int, resume: str | Non
 
 
 def checkpoint_bytes(components: dict, recipe, ema: bool) -> int:
-    """A checkpoint's size: per trainable role fp32 master + two Adam moments + module weights (+ EMA)."""
+    """A checkpoint's size: per trainable role fp32 master + two Adam moments + module weights (+ EMA) of the
+    trained parameters (a LoRA role: its adapters)."""
     total = 0
     for name, spec in recipe.roles.items():
         if not spec.trainable:
             continue
-        numel = sum(s.numel() for s in meta_shapes(components[name].transformer_config).values())
+        numel = sum(s.numel() for s in trained_shapes(components[name].transformer_config, spec.lora).values())
         per = 4 * 3 + (2 if recipe.training.mixed_precision == "bf16" else 4) + (4 if ema and name == "student" else 0)
         total += numel * per
     return int(total * 1.1)
@@ -101,6 +102,75 @@ def meta_shapes(config: dict) -> dict:
         shapes = {n: p.shape for n, p in model.named_parameters()}
         _META_CACHE[key] = shapes
     return _META_CACHE[key]
+
+
+def meta_model(config: dict, lora=None):
+    """A Wan transformer on the meta device (no memory), with `lora` adapters added by diffusers' `add_adapter`."""
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        if lora is not None:
+            from ds_distill.models.wan import lora_config
+
+            model.add_adapter(lora_config(lora))
+    return model
+
+
+def trained_shapes(config: dict, lora=None) -> dict:
+    """{name: torch.Size} of the parameters a trainable role trains: all of them, or with `lora` its adapters
+    (the names its checkpoints hold)."""
+    if lora is None:
+        return meta_shapes(config)
+    from ds_distill.utils.module_state import lora_parameter_names
+
+    model = meta_model(config, lora)
+    params = dict(model.named_parameters())
+    return {n: params[n].shape for n in lora_parameter_names(model)}
+
+
+LORA_INITS = ("default", "gaussian")
+
+
+def check_lora(recipe, components: dict) -> None:
+    """Each role's `lora`: only on a trainable role, rank and alpha positive, dropout in [0, 1), an init peft has,
+    and every target module names layers of the role's transformer that peft can wrap (checked on a meta-device
+    model with diffusers' own `add_adapter`)."""
+    src = recipe.source
+    for name, spec in recipe.roles.items():
+        lora = spec.lora
+        if lora is None:
+            continue
+        key = f"roles.{name}.lora"
+        if not spec.trainable:
+            raise RecipeError(f"{src}: {key}: role {name!r} is frozen (trainable: false), and LoRA trains adapters; "
+                              f"remove {key} (a frozen role is used as it is)")
+        if isinstance(lora.rank, bool) or int(lora.rank) < 1:
+            raise RecipeError(f"{src}: {key}.rank: {lora.rank} must be at least 1 (e.g. 16, 32, 64)")
+        if not lora.alpha > 0:
+            raise RecipeError(f"{src}: {key}.alpha: {lora.alpha} must be positive (the update is alpha / rank x B A; "
+                              f"alpha = rank scales it by 1)")
+        if not 0 <= lora.dropout < 1:
+            raise RecipeError(f"{src}: {key}.dropout: {lora.dropout} must be in [0, 1)")
+        if lora.init not in LORA_INITS:
+            raise RecipeError(f"{src}: {key}.init: {lora.init!r} is not one of {', '.join(LORA_INITS)} (default: B = 0, "
+                              f"training starts at the base model)")
+        targets = list(lora.target_modules or [])
+        if not targets:
+            raise RecipeError(f"{src}: {key}.target_modules: name at least one layer (default: the attention "
+                              f"projections to_q, to_k, to_v, to_out.0)")
+        config = components[name].transformer_config
+        names = [n for n, _ in meta_model(config).named_modules()]
+        for target in targets:
+            if not any(n == target or n.endswith("." + target) for n in names):
+                raise RecipeError(f"{src}: {key}.target_modules: {target!r} names no layer of {components[name].path}'s "
+                                  f"transformer (e.g. to_q, to_k, to_v, to_out.0, ffn.net.0.proj, ffn.net.2)")
+        try:
+            meta_model(config, lora)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise RecipeError(f"{src}: {key}.target_modules: peft cannot add adapters there ({first})") from None
 
 
 def transformer_numel(config: dict) -> int:
@@ -332,7 +402,14 @@ def check_resume(output_dir: Path, resume: str, recipe, components: dict) -> tup
         saved = checkpoint_shapes(path / role)
         if saved is None:
             continue
-        expected = {n: list(s) for n, s in meta_shapes(components[role].transformer_config).items()}
+        lora = recipe.roles[role].lora
+        expected = {n: list(s) for n, s in trained_shapes(components[role].transformer_config, lora).items()}
+        if lora is None and any(".lora_" in n for n in saved):
+            raise CheckpointError(f"{path}/{role}: --resume: holds LoRA adapters, but the recipe trains {role} in full; "
+                                  f"set roles.{role}.lora as the run that wrote it did")
+        if lora is not None and not any(".lora_" in n for n in saved):
+            raise CheckpointError(f"{path}/{role}: --resume: holds full weights, but the recipe trains LoRA adapters "
+                                  f"for {role} (roles.{role}.lora); remove it or start a new run")
         # Shapes that differ first (the telling line), then parameters one side lacks.
         for n in sorted(expected, key=lambda n: (n not in saved, n)):
             if saved.get(n) != expected[n]:
@@ -372,6 +449,7 @@ def run(recipe, checked, resume: str | None, overwrite: bool = False) -> Preflig
             ("training.ds_config" if spec.trainable else "training.ds_config_inference")
         check_template(load_template(spec.ds_config or default, src, tkey), tkey, src)
         load_template(spec.ds_config or default, src, tkey, trainable=spec.trainable)  # ZeRO stage 3 if trainable
+    check_lora(recipe, components)
     main_role = "student" if "student" in components else next(iter(components))
     get_family(recipe.recipe.family, src)().check_unconditional(components[main_role], t, src)
     generated = check_sizes(recipe, components[main_role], src) if generates_at_size(checked) else None

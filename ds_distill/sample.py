@@ -7,6 +7,11 @@ Plain PyTorch in one process: no DeepSpeed process group. Examples:
         --prompt "a cat walking on a sunny street"
     ds-distill sample --model Wan2.1-T2V-1.3B-Diffusers --output-dir out --steps 50 --guidance 5 \\
         --prompts-file prompts.json
+    ds-distill sample --model Wan2.1-T2V-1.3B-Diffusers --lora lora_out/pytorch_lora_weights.safetensors \\
+        --output-dir out --sampler sde --prompt "a cat walking on a sunny street"
+
+`--lora` applies a LoRA file (ours from `convert --lora`, or any Diffusers-loadable Wan LoRA) to --model's
+transformer with `WanPipeline.load_lora_weights`.
 
 Videos are `<i>-<slug>.mp4` plus `manifest.json` in --output-dir. An --output-dir that already holds any of the
 files a run would write (an earlier run's output) is refused unless `--overwrite`, which replaces them and removes
@@ -45,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate mp4 videos from a Diffusers-format Wan directory with the ODE or SDE sampler.",
     )
     p.add_argument("--model", required=True, help="Diffusers-format Wan directory (transformer/, vae/, ...)")
+    p.add_argument("--lora", default=None, metavar="FILE",
+                   help="a LoRA .safetensors file (or a folder holding pytorch_lora_weights.safetensors) applied to "
+                        "--model's transformer with WanPipeline.load_lora_weights")
     p.add_argument("--output-dir", required=True, help="where <i>-<slug>.mp4 files are written")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a caption (repeat for several videos)")
@@ -204,6 +212,41 @@ def load_prompt_list(args) -> tuple[list, str]:
     return prompts, "--prompt"
 
 
+def lora_file(path: str) -> Path:
+    """--lora: a safetensors file, or a folder holding diffusers' default LoRA file name; its header readable."""
+    from ds_distill.export import LORA_WEIGHTS_NAME
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / LORA_WEIGHTS_NAME
+        if not p.is_file():
+            raise UserError(f"--lora: {path} is a folder without {LORA_WEIGHTS_NAME}; pass the LoRA file itself")
+    elif not p.is_file():
+        raise UserError(f"--lora: {path} does not exist")
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(p), "pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:  # SafetensorError, OSError: a damaged, partial or foreign file
+        raise UserError(f"--lora: {p} is not a readable safetensors file ({' '.join(str(exc).split())})") from None
+    if not keys or not all("lora" in k for k in keys):
+        raise UserError(f"--lora: {p} holds no LoRA weights (its tensor names lack `lora`)")
+    return p
+
+
+def apply_lora(transformer, path: Path) -> None:
+    """Load a LoRA file onto the transformer as a Wan pipeline does (`WanPipeline.load_lora_weights`)."""
+    from diffusers import WanPipeline
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=None, scheduler=None)
+    try:
+        pipe.load_lora_weights(str(path))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--lora: {path} does not fit --model's transformer ({first})") from None
+
+
 def resolve_schedule(args, prompt) -> tuple[int, Optional[list[float]]]:
     """(num_steps, raw_timesteps) for one prompt."""
     if args.timesteps is not None:
@@ -262,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    lora = lora_file(args.lora) if args.lora else None
     out_dir = Path(args.output_dir)
     names = output_names(prompts, args.save_latents)
     stale = check_output(out_dir, names, args.overwrite)
@@ -286,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
 
     with loading("transformer", transformer_dir(model_dir), "--model"):
         transformer = WanTransformer3DModel.from_pretrained(str(transformer_dir(model_dir)), torch_dtype=dtype)
+    if lora is not None:
+        apply_lora(transformer, lora)
     transformer = transformer.to(device).eval()
     denoiser = denoiser_from_module(transformer, dtype)
     results = []
@@ -324,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                          "width": p.width, "num_frames": p.num_frames, "sampling_steps": num_steps,
                          "sampling_timesteps": raw_timesteps})
         print(f"wrote {path} ({frames.shape[0]} frames, {p.width}x{p.height})", flush=True)
-    meta = {"model": str(model_dir), "sampler_kind": args.sampler, "guidance_scale": guidance,
+    meta = {"model": str(model_dir), **({"lora": str(lora)} if lora is not None else {}), "sampler_kind": args.sampler, "guidance_scale": guidance,
             "flow_shift": flow_shift, "videos": manifest}
     (out_dir / "manifest.json").write_text(json.dumps(meta, indent=2))
     for name in stale:

@@ -15,6 +15,7 @@ from ds_distill.models.components import (
     resolve_model_dir,
     transformer_dir,
 )
+from ds_distill.utils.module_state import lora_parameter_names
 
 logger = logging.getLogger("ds_distill")
 
@@ -150,6 +151,45 @@ def keep_diffusers_fp32(module: torch.nn.Module, fp32_storage: bool) -> list[str
     return names
 
 
+LORA_SEED = 0
+"""Adapters are initialised from this seed: the same weights on every rank and for every rank count."""
+
+
+def lora_config(spec):
+    """The peft `LoraConfig` of a recipe's `roles.<name>.lora` (a `LoraSpec`)."""
+    from peft import LoraConfig
+
+    init = {"default": True, "gaussian": "gaussian"}[spec.init]
+    return LoraConfig(r=int(spec.rank), lora_alpha=float(spec.alpha), target_modules=list(spec.target_modules),
+                      lora_dropout=float(spec.dropout), init_lora_weights=init)
+
+
+def add_lora(module: torch.nn.Module, spec) -> list[str]:
+    """Add low-rank adapters with diffusers' `add_adapter` (peft); returns the adapter parameter names.
+
+    Call after the base weights are loaded: peft renames each wrapped layer's weight to `<name>.base_layer.weight`.
+    On a module built under zero.Init the base stays partitioned and the adapters are plain tensors until
+    `deepspeed.initialize` partitions them (DeepSpeed converts a model's non-ZeRO parameters, broadcasting rank 0's
+    values); they are made from `LORA_SEED`, so every rank and rank count starts from the same adapters.
+
+    With the base frozen, nothing before the first block needs a gradient, so its input would not require one; the
+    ZeRO-3 backward hooks of a leaf block (`zero3_leaf_modules`) then do not gather its weights for backward (a
+    size-0 weight in DeepSpeed 0.19.8). The patch embedding's output is made to require grad while grad is on
+    (what transformers' `enable_input_require_grads` does for adapters).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(LORA_SEED)
+        module.add_adapter(lora_config(spec))
+    module.patch_embedding.register_forward_hook(_output_requires_grad)
+    return lora_parameter_names(module)
+
+
+def _output_requires_grad(_mod, _args, output: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and not output.requires_grad:
+        output.requires_grad_(True)
+    return output
+
+
 @register_family("wan")
 class WanFamily:
     """Loads Wan2.1 T2V roles (WanTransformer3DModel) and builds the Wan adapter and validator."""
@@ -163,11 +203,12 @@ class WanFamily:
         return read_components(resolve_model_dir(path, source, key))
 
     def load_transformer(self, comps: ModelComponents, strategy, ds_config: dict, use_zero_init: bool = True,
-                         trainable: bool = True):
+                         trainable: bool = True, lora=None):
         """Build the transformer partitioned at creation (zero.Init) and stream its weights in.
 
         Diffusers' fp32 modules (see `keep_diffusers_fp32`) are computed in fp32 in every role; a frozen role built
         under zero.Init also stores them in fp32, so it is the model `from_pretrained(torch_dtype=bf16)` gives.
+        With `lora` (a `LoraSpec`), adapters are added once the base weights are in (see `add_lora`).
         """
         from diffusers import WanTransformer3DModel
 
@@ -185,6 +226,8 @@ class WanFamily:
         keep_diffusers_fp32(module, fp32_storage=use_zero_init and not trainable
                             and ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device") != "nvme")
         load_weights_streaming(module, transformer_dir(comps.path), strategy.dist.rank)
+        if lora is not None:
+            add_lora(module, lora)
         return module
 
     def build_adapter(self, comps: ModelComponents, pipeline_config, training, device):

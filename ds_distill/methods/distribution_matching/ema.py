@@ -8,20 +8,22 @@ import torch
 
 
 class PartitionedEMA:
-    """fp32 shadow of this rank's fp32 master partition of every parameter (partitioned and persistent alike);
-    `swapped_in()` puts it into the module for sampling. ZeRO-3 access goes through the strategy."""
+    """fp32 shadow of this rank's fp32 master partition of every trained parameter (partitioned and persistent
+    alike; of a LoRA role, its adapters: the frozen base needs no average); `swapped_in()` puts it into the module
+    for sampling. ZeRO-3 access goes through the strategy."""
 
     def __init__(self, module: torch.nn.Module, decay: float, strategy):
         self.module = module
         self.decay = decay
         self.strategy = strategy
-        self.names = [n for n, _ in module.named_parameters()]
-        self.shadow = {n: t.detach().float().clone() for n, t in strategy.master_partitions(module).items()}
+        masters = strategy.master_partitions(module, trainable_only=True)
+        self.names = list(masters)
+        self.shadow = {n: t.detach().float().clone() for n, t in masters.items()}
 
     @torch.no_grad()
     def update(self, step: int, start_step: int) -> None:
         """Copy before `start_step`, then shadow = decay * shadow + (1 - decay) * master weights (fp32)."""
-        for n, master in self.strategy.master_partitions(self.module).items():
+        for n, master in self.strategy.master_partitions(self.module, trainable_only=True).items():
             if step < start_step:
                 self.shadow[n].copy_(master)
             else:
@@ -45,7 +47,7 @@ class PartitionedEMA:
 
         path = self.file_for(role_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shapes = self.strategy.partition_shapes(self.module)
+        shapes = self.strategy.partition_shapes(self.module, trainable_only=True)
         save_file({n: t.contiguous() for n, t in self.shadow.items()}, str(path),
                   metadata={"shapes": json.dumps(shapes), "decay": str(self.decay)})
 
@@ -67,7 +69,7 @@ class PartitionedEMA:
                                   "method_config.ema_decay: 0 or resume a checkpoint written with EMA on")
         full = whole_tensors(files)
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        for n, p in self.module.named_parameters():
+        for n in self.names:
             local = self.shadow[n]
             flat = full[n].flatten()
             lo = rank * local.numel()
