@@ -28,6 +28,7 @@ COMMANDS = {
     "convert": ("ds_distill.export", "ZeRO-3 checkpoint -> Diffusers safetensors directory (streamed)"),
     "preprocess": ("ds_distill.preprocess", "videos + captions JSON -> training parquet (resumable)"),
     "report": ("ds_distill.report", "environment and op report (ds_report plus our ops)"),
+    "import-recipe": ("ds_distill.import_recipe", "FastVideo fastvideo/train run config -> schema-v2 recipe"),
 }
 
 

@@ -86,9 +86,9 @@ class TrainingConfig:
 
     output_dir: str
     """Where checkpoints, logs, validation videos and the resolved recipe go."""
-    data_path: Union[str, dict[str, int]]
-    """A parquet file or a directory of parquet files (FastVideo T2V schema, or text-only); or a mapping
-    {path: repeat_count} that mixes datasets, each row of a path drawn repeat_count times per epoch."""
+    data_path: Union[str, list[str], dict[str, int]]
+    """A parquet file or a directory of parquet files (FastVideo T2V schema, or text-only); a list of them; or a
+    mapping {path: repeat_count} that mixes datasets, each row of a path drawn repeat_count times per epoch."""
     max_train_steps: int = 1000
     """Number of optimizer steps (DMD2: iterations) to run."""
     train_batch_size: int = 1
@@ -246,8 +246,8 @@ def _type_name(hint: Any) -> str:
     if origin in (list, tuple):
         return "a list"
     if origin is dict:
-        val_hint = typing.get_args(hint)[1]
-        return f"a mapping whose values are {_type_name(val_hint)}s" if val_hint in (int, float, str) else "a mapping"
+        plural = {int: "integers", float: "numbers", str: "strings"}.get(typing.get_args(hint)[1])
+        return f"a mapping of {plural}" if plural else "a mapping"
     if dataclasses.is_dataclass(hint):
         return "a mapping"
     return str(hint)
@@ -273,11 +273,15 @@ def coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):  # several shapes (e.g. a path or a {path: count} mapping): first fit
         arms = [a for a in typing.get_args(hint) if a is not type(None)]
+        errors = []
         for arm in arms:
             try:
                 return coerce(value, arm, key, source)
-            except RecipeError:
-                continue
+            except RecipeError as exc:
+                errors.append((typing.get_origin(arm), exc))
+        for arm_origin, exc in errors:  # a mapping or list that fits an arm's shape: that arm's message names the item
+            if (arm_origin is dict and isinstance(value, dict)) or (arm_origin is list and isinstance(value, list)):
+                raise exc
         shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
         raise RecipeError(f"{source}: {key}: expected {' or '.join(_type_name(a) for a in arms)}, got {shown}")
 
@@ -497,7 +501,10 @@ def recipe_from_mapping(data: dict, source: str) -> Recipe:
 
 
 def check_training(t: TrainingConfig, source: str) -> None:
-    """Value checks of the keys this module reads into shapes of their own (data mixes, step lists, num_gpus)."""
+    """Value checks of the keys this module reads into shapes of their own (data mixes, step lists, trackers,
+    num_gpus)."""
+    if isinstance(t.data_path, list) and not t.data_path:
+        raise RecipeError(f"{source}: training.data_path: the list is empty; name at least one dataset")
     if isinstance(t.data_path, dict):
         if not t.data_path:
             raise RecipeError(f"{source}: training.data_path: the mapping is empty; give {{path: repeat_count}} "
@@ -509,6 +516,9 @@ def check_training(t: TrainingConfig, source: str) -> None:
     if not t.validation_sampling_steps or any(n < 1 for n in t.validation_sampling_steps):
         raise RecipeError(f"{source}: training.validation_sampling_steps: every step count must be at least 1, got "
                           f"{t.validation_sampling_steps}")
+    from ds_distill.utils.tracking import check_trackers
+
+    check_trackers(t, source)
     if t.num_gpus is not None and t.num_gpus < 1:
         raise RecipeError(f"{source}: training.num_gpus: must be at least 1 (or leave it out)")
 

@@ -29,9 +29,17 @@ def check_trackers(training, source: str) -> None:
         raise RecipeError(f"{source}: training.trackers: `none` cannot be combined with other trackers {names}")
     if len(set(names)) != len(names):
         raise RecipeError(f"{source}: training.trackers: {names} lists a tracker twice")
-    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+    if "wandb" in names and not wandb_installed():
         raise RecipeError(f"{source}: training.trackers: wandb is not installed; `pip install wandb` (or "
                           f"`pip install ds_distill[wandb]`), or remove it from the list")
+
+
+def wandb_installed() -> bool:
+    """Whether `import wandb` can work (without importing it: that takes a second)."""
+    try:
+        return importlib.util.find_spec("wandb") is not None
+    except ValueError:  # sys.modules["wandb"] is None: the import is blocked
+        return False
 
 
 class _TensorBoard:
