@@ -41,10 +41,12 @@ class _FileInfo:
     group_starts: list[int]
 
 
-def data_sources(path: str | Path | dict) -> list[tuple[Path, int]]:
-    """`training.data_path` as (path, repeat count) pairs: one path counts once."""
+def data_sources(path: str | Path | list | dict) -> list[tuple[Path, int]]:
+    """`training.data_path` as (path, repeat count) pairs: a path, or each path of a list, counts once."""
     if isinstance(path, dict):
         return [(Path(p), int(n)) for p, n in path.items()]
+    if isinstance(path, (list, tuple)):
+        return [(Path(p), 1) for p in path]
     return [(Path(path), 1)]
 
 
@@ -66,7 +68,7 @@ class ParquetDataset(torch.utils.data.Dataset):
     R*n indices (row i at i, R+i, 2R+i, ...), so an epoch -- a permutation of all indices -- draws from each source
     in proportion to rows x repeat count."""
 
-    def __init__(self, path: str | Path | dict, text_len: int, need_latents: bool, cache_row_groups: int = 2):
+    def __init__(self, path: str | Path | list | dict, text_len: int, need_latents: bool, cache_row_groups: int = 2):
         self.text_len = text_len
         self.need_latents = need_latents
         self.files: list[_FileInfo] = []
