@@ -145,11 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     (out / "quality.json").write_text(json.dumps(rows, indent=2))
     by = {r["label"]: r for r in rows}
     student, teacher = by[f"student@{len(steps)} sde"], by[f"teacher@{len(steps)} sde"]
-    verdict = "beats" if student["mode_dist"] < teacher["mode_dist"] else "does NOT beat"
+    reference = by["teacher@50 ode"]
+    closer = student["mode_dist"] < teacher["mode_dist"]
+    # a student that lands on fewer modes than the many-step teacher has not distilled it, however close it lands
+    keeps_modes = student["coverage"] >= reference["coverage"]
+    verdict = "beats" if closer and keeps_modes else "does NOT beat"
     validation = sorted((paths["dmd2_run"] / "validation").glob("step-*"))
     print("\n" + table)
     print(f"\nstudent@{len(steps)} {verdict} teacher@{len(steps)} "
-          f"(mode_dist {student['mode_dist']:.3f} vs {teacher['mode_dist']:.3f}; lower is closer to the data)")
+          f"(mode_dist {student['mode_dist']:.3f} vs {teacher['mode_dist']:.3f}, lower is closer to the data; "
+          f"coverage {student['coverage']:.3f} vs teacher@50's {reference['coverage']:.3f}, "
+          f"{'every mode kept' if keeps_modes else 'modes LOST'})")
     print("\nartefacts:")
     for label, path in [("tiny Wan (random init)", paths["tiny_wan"]), ("toy dataset", paths["toy_data"]),
                         ("teacher run (checkpoints, TensorBoard logs/)", paths["teacher_run"]),

@@ -3,7 +3,9 @@
 Each caption k owns a smooth latent pattern c_k and a 2-D plane spanned by two orthonormal directions U_k
 (local to one latent patch).
 A row is x0 = c_k + z1 U_k1 + z2 U_k2 + a little isotropic noise, where z is drawn from a mixture of
-Gaussians on a ring (four modes). The directions have unit norm over the whole latent, so at the noise
+Gaussians on a ring (four equally weighted modes by default; `--modes`, `--mode-weights` and the clip size
+`--num-frames/--height/--width` make other mixtures and latent sizes, so a recipe can be judged on data it was not
+tuned on). The directions have unit norm over the whole latent, so at the noise
 levels a few-step sampler ends on (sigma ~ 0.5) the modes are ambiguous: a few-step sampler of a good
 teacher averages them (its z shrinks towards the ring's centre) while a many-step sampler, or a
 distilled student, lands on them. Scores project samples onto (c_k, U_k) and compare z with the mixture.
@@ -46,6 +48,8 @@ class ToyDataConfig:
 
     rows_per_caption: int = 64
     modes: int = 4
+    mode_weights: list[float] | None = None
+    """Relative weight of each mode (None: equal); normalised to sum to 1."""
     radius: float = 1.5
     mode_std: float = 0.15
     noise: float = 0.03
@@ -61,13 +65,20 @@ class ToyDataConfig:
 
 @dataclass
 class ToyDistribution:
-    """The known distribution: centers [K, *latent], planes [K, 2, *latent] (orthonormal), mode z's [M, 2]."""
+    """The known distribution: centers [K, *latent], planes [K, 2, *latent] (orthonormal), mode z's [M, 2] and
+    the mixture weights [M] (sum 1)."""
 
     centers: torch.Tensor
     planes: torch.Tensor
     modes: torch.Tensor
     mode_std: float
     captions: list[str]
+    weights: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.weights is None:
+            m = self.modes.shape[0]
+            self.weights = torch.full((m,), 1.0 / m)
 
     def project(self, x: torch.Tensor, caption_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z [N, 2] of normalised-latent samples in their caption's plane, and the off-plane RMS [N]."""
@@ -97,8 +108,9 @@ def toy_distribution(num_captions: int, latent_shape: tuple[int, ...], cfg: ToyD
         planes[k, :, :, 0, i : i + 2, j : j + 2] = q.reshape(2, c, 2, 2)
     angles = torch.arange(cfg.modes) * (2 * math.pi / cfg.modes) + math.pi / 4
     modes = cfg.radius * torch.stack([angles.cos(), angles.sin()], dim=1)
+    weights = torch.tensor(cfg.mode_weights, dtype=torch.float32) if cfg.mode_weights else torch.ones(cfg.modes)
     return ToyDistribution(centers, planes.contiguous(), modes, cfg.mode_std,
-                           list(TOY_CAPTIONS[:num_captions]))
+                           list(TOY_CAPTIONS[:num_captions]), weights / weights.sum())
 
 
 def score_samples(samples: torch.Tensor, caption_index: torch.Tensor, dist: ToyDistribution) -> dict:
@@ -107,7 +119,7 @@ def score_samples(samples: torch.Tensor, caption_index: torch.Tensor, dist: ToyD
     - `mode_dist`: mean distance in the caption's plane from z to the nearest mixture mode (data: ~1.25 x mode_std).
     - `radius`: mean |z| (data: the ring radius; averaging modes shrinks it).
     - `coverage`: fraction of (caption, mode) pairs some sample lands nearest to.
-    - `balance`: 1 - total variation between the nearest-mode histogram and the uniform mixture weights.
+    - `balance`: 1 - total variation between the nearest-mode histogram and the mixture weights (1: the data's mix).
     - `off_plane`: RMS of what lies outside the caption's center + plane (data: the isotropic noise).
     """
     z, off = dist.project(samples, caption_index)
@@ -119,11 +131,12 @@ def score_samples(samples: torch.Tensor, caption_index: torch.Tensor, dist: ToyD
         hits[ci, j] += 1
     present = hits.sum(dim=1) > 0
     frac = hits[present] / hits[present].sum(dim=1, keepdim=True)
+    weights = dist.weights.view(1, m)
     return {
         "mode_dist": float(d.min(dim=1).values.mean()),
         "radius": float(z.norm(dim=1).mean()),
         "coverage": float((hits[present] > 0).float().mean()),
-        "balance": float(1 - 0.5 * (frac - 1.0 / m).abs().sum(dim=1).mean()),
+        "balance": float(1 - 0.5 * (frac - weights).abs().sum(dim=1).mean()),
         "off_plane": float(off.mean()),
     }
 
@@ -134,10 +147,15 @@ def is_toy_dataset(path: Path) -> bool:
 
 
 def check_toy_config(cfg: ToyDataConfig, vae_cfg: dict, patch_size) -> None:
-    """Counts at least 1, positive finite spreads, and a clip size the VAE and the 2x2 patches divide."""
+    """Counts at least 1, positive finite spreads and weights, and a clip size the VAE and the 2x2 patches divide."""
     for f in fields(cfg):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if f.name in ("radius", "mode_std", "noise"):
+        if f.name == "mode_weights":
+            if value is not None and len(value) != cfg.modes:
+                raise UserError(f"{flag}: {len(value)} weights for {cfg.modes} modes (--modes); give one per mode")
+            if value is not None and not all(0 < w < float("inf") for w in value):
+                raise UserError(f"{flag} {','.join(map(str, value))}: weights must be positive finite numbers")
+        elif f.name in ("radius", "mode_std", "noise"):
             if not 0 <= value < float("inf"):
                 raise UserError(f"{flag} {value}: must be a finite number >= 0")
         elif isinstance(value, int) and f.name != "seed" and value < 1:
@@ -194,7 +212,10 @@ def _write_toy_data(out: Path, model_dir: Path, cfg: ToyDataConfig, mean: torch.
     rows = []
     for i in range(cfg.rows_per_caption * len(TOY_CAPTIONS)):
         ci = i % len(TOY_CAPTIONS)
-        mode = int(torch.randint(cfg.modes, (1,), generator=g))
+        if cfg.mode_weights is None:  # the default data stays draw-for-draw what it always was
+            mode = int(torch.randint(cfg.modes, (1,), generator=g))
+        else:
+            mode = int(torch.multinomial(dist.weights, 1, generator=g))
         z_ = dist.modes[mode] + cfg.mode_std * torch.randn(2, generator=g)
         x0 = dist.centers[ci] + z_[0] * dist.planes[ci, 0] + z_[1] * dist.planes[ci, 1]
         x0 = x0 + cfg.noise * torch.randn(shape, generator=g)
@@ -246,7 +267,8 @@ def _write_toy_data(out: Path, model_dir: Path, cfg: ToyDataConfig, mean: torch.
     }
     (out / "validation.json").write_text(json.dumps(validation, indent=2))
     save_file(
-        {"centers": dist.centers.contiguous(), "planes": dist.planes, "modes": dist.modes.contiguous()},
+        {"centers": dist.centers.contiguous(), "planes": dist.planes, "modes": dist.modes.contiguous(),
+         "weights": dist.weights.contiguous()},
         str(out / MODES_FILE),
         metadata={"captions": json.dumps(dist.captions), "mode_std": str(cfg.mode_std), "text_len": str(cfg.text_len)},
     )
@@ -264,10 +286,21 @@ def load_toy_distribution(data_dir: str | Path) -> ToyDistribution:
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
+            weights = f.get_tensor("weights") if "weights" in f.keys() else None  # older files: equal weights
             return ToyDistribution(f.get_tensor("centers"), f.get_tensor("planes"), f.get_tensor("modes"),
-                                   float(meta["mode_std"]), json.loads(meta["captions"]))
+                                   float(meta["mode_std"]), json.loads(meta["captions"]), weights)
     except Exception as exc:  # safetensors raises several types for a damaged file; all mean unreadable
         raise DataError(f"{path}: not a readable toy-mode file ({type(exc).__name__}); rerun make-toy-data") from None
+
+
+def _weights(text: str) -> list[float]:
+    """argparse type of --mode-weights: comma-separated numbers."""
+    import argparse
+
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 4,2,1,1; got {text!r}") from None
 
 
 @exit_on_user_error
@@ -279,7 +312,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="replace an existing toy dataset (the new one is swapped in when complete)")
     parser.add_argument("--model", required=True, help="Wan directory whose text encoder and VAE stats to use")
     parser.add_argument("--rows-per-caption", type=int, default=ToyDataConfig.rows_per_caption)
-    parser.add_argument("--modes", type=int, default=ToyDataConfig.modes)
+    parser.add_argument("--modes", type=int, default=ToyDataConfig.modes, help="modes on each caption's ring")
+    parser.add_argument("--mode-weights", type=_weights, default=None,
+                        help="comma-separated relative weight per mode, e.g. 4,2,1,1 (default: equal)")
+    parser.add_argument("--num-frames", type=int, default=ToyDataConfig.num_frames,
+                        help="clip frames (latent size: 4k+1 frames with the tiny VAE)")
+    parser.add_argument("--height", type=int, default=ToyDataConfig.height, help="clip height in pixels")
+    parser.add_argument("--width", type=int, default=ToyDataConfig.width, help="clip width in pixels")
     parser.add_argument("--text-len", type=int, default=ToyDataConfig.text_len)
     parser.add_argument("--latent-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--seed", type=int, default=0)
@@ -287,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ToyDataConfig(
         rows_per_caption=args.rows_per_caption,
         modes=args.modes,
+        mode_weights=args.mode_weights,
+        num_frames=args.num_frames,
+        height=args.height,
+        width=args.width,
         text_len=args.text_len,
         latent_dtype=args.latent_dtype,
         seed=args.seed,
