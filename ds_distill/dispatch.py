@@ -115,11 +115,35 @@ def check_recipe(recipe) -> CheckedRecipe:
         raise RecipeError(f"{src}: training.betas: expected two numbers in [0, 1)")
     if t.log_validation and not t.validation_dataset_file:
         raise RecipeError(f"{src}: training.validation_dataset_file: required when log_validation is true")
-    for tracker in t.trackers:
-        if tracker not in ("tensorboard", "none"):
-            raise RecipeError(f"{src}: training.trackers: unknown tracker {tracker!r} (available: tensorboard, none)")
     method_cls.check_config(method_config, t, src)
+    check_latents_in_data(recipe, method_cls, method_config)
     return CheckedRecipe(recipe=recipe, method_cls=method_cls, method_config=method_config)
+
+
+def check_latents_in_data(recipe, method_cls, method_config) -> None:
+    """A method knob that needs real latents (e.g. DMD2's GAN term) over text-only data is a recipe mistake, named
+    by its knob. Reads only parquet schemas; paths that do not exist or do not read are left to the data checks."""
+    import pyarrow.parquet as pq
+
+    from ds_distill.utils.config import resolve_path
+    from ds_distill.utils.dataloader import data_sources, parquet_files
+    from ds_distill.utils.dataset_schema import LATENT_COLUMNS
+
+    why = getattr(method_cls, "latents_needed_by", lambda _cfg: None)(method_config)
+    if why is None:
+        return
+    for source, _ in data_sources(recipe.training.data_path):
+        path = resolve_path(str(source), recipe)
+        if not path.exists():
+            continue
+        try:
+            files = parquet_files(path)
+            names = set(pq.read_schema(files[0]).names)
+        except Exception:  # unreadable data gets its own message from the dataset checks
+            continue
+        if not set(LATENT_COLUMNS) <= names:
+            raise RecipeError(f"{recipe.source}: training.data_path: {path} has no vae_latent columns (text only), "
+                              f"but {why} needs real latents; use a dataset with latents or turn that off")
 
 
 @dataclass
@@ -139,6 +163,8 @@ class Runtime:
 def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
                   load_universal: bool = False) -> Runtime:
     """Load every role (partitioned at creation), wrap each in its DeepSpeed engine, build adapter and method."""
+    import torch
+
     from ds_distill.engines import eval_ds_config, load_template, train_ds_config
     from ds_distill.roles import RoleBundle, RoleHandle
     from ds_distill.utils.module_state import apply_trainable
@@ -146,10 +172,16 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
     recipe, t = checked.recipe, checked.recipe.training
     src = recipe.source
     world = strategy.dist.world_size
-    comps, handles, ds_configs = {}, {}, {}
+    handles, ds_configs = {}, {}
+    comps = {name: get_family(spec.family, src)().components(spec.path, src, f"roles.{name}.path")
+             for name, spec in recipe.roles.items()}
+    # The adapter first: a method may extend a role (the DMD2 GAN head on the critic) with what it knows of blocks.
+    main_family = get_family(recipe.recipe.family, src)()
+    main_role = "student" if "student" in comps else next(iter(comps))
+    adapter = main_family.build_adapter(comps[main_role], recipe.pipeline_config, t, strategy.dist.device)
+    extend_role = getattr(checked.method_cls, "extend_role", None)
     for name, spec in recipe.roles.items():
         family = get_family(spec.family, src)()
-        comps[name] = family.components(spec.path, src, f"roles.{name}.path")
         if spec.trainable:
             template = load_template(spec.ds_config or t.ds_config, src, f"roles.{name}.ds_config")
             cfg = train_ds_config(
@@ -175,12 +207,21 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
                 nvme_path=t.nvme_path,
             )
         ds_configs[name] = cfg
-        module = family.load_transformer(comps[name], strategy, cfg, trainable=spec.trainable)
+        module = family.load_transformer(comps[name], strategy, cfg, trainable=spec.trainable, lora=spec.lora)
         apply_trainable(module, spec.trainable)
-        strategy.mark_leaf_modules(module, family.zero3_leaf_modules)
+        if getattr(checked.method_cls, "zero3_leaf_modules_ok", lambda *_: True)(name, checked.method_config):
+            strategy.mark_leaf_modules(module, family.zero3_leaf_modules)
         ckpt = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else t.gradient_checkpointing
         if spec.trainable and ckpt:
             module.enable_gradient_checkpointing()
+        if extend_role is not None and spec.trainable:
+            # Added modules are created partitioned like the role's own (same zero.Init config) and seeded alike on
+            # every rank; they join the role's engine below, so one engine per trainable role stays true.
+            zero_cfg = {**cfg, "zero_optimization": {"memory_efficient_linear": False,
+                                                     **cfg.get("zero_optimization", {})}}
+            with torch.random.fork_rng(devices=[]), strategy.zero_init(zero_cfg):
+                torch.manual_seed(t.seed)
+                extend_role(name, checked.method_config, module, adapter, src)
         engine = None
         if build_engines:
             if spec.trainable:
@@ -191,9 +232,6 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
         handles[name] = RoleHandle(name=name, module=module, trainable=spec.trainable, engine=engine,
                                    family=spec.family)
     bundle = RoleBundle(handles)
-    main_family = get_family(recipe.recipe.family, src)()
-    main_role = "student" if "student" in comps else next(iter(comps))
-    adapter = main_family.build_adapter(comps[main_role], recipe.pipeline_config, t, strategy.dist.device)
     adapter.set_uncond_embedding(main_family.unconditional_embedding(comps[main_role], t, strategy, src))
     method = checked.method_cls(bundle, adapter, strategy, checked.method_config, t, recipe.pipeline_config)
     return Runtime(recipe=recipe, strategy=strategy, family=main_family, components=comps, bundle=bundle,

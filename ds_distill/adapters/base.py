@@ -55,6 +55,18 @@ class DiffusionAdapter(Protocol):
     def predict_x0(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x0_hat = x_t - sigma v, fp32."""
 
+    def feature_dim(self, module: torch.nn.Module) -> int:
+        """Width of the hidden states `predict_features` returns for this role's module."""
+
+    def num_blocks(self, module: torch.nn.Module) -> int:
+        """How many blocks a feature tap may name (indices 0 .. num_blocks - 1)."""
+
+    def predict_noise_and_features(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                                   blocks: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One forward: velocity (fp32) and the hidden states [B, N, D] of the chosen blocks (the family's forward
+        hooks). Put everything one loss needs from a role into this one call (ZeRO-3 leaf modules reduce their
+        gradients once per call)."""
+
     def sde_step(self, x_t, v, t, t_next, eps):
         """(x0_hat, re-noised input at t_next) in one fused pass; eps None on the last step."""
 

@@ -98,6 +98,37 @@ class WanAdapter:
         )[0]
         return out.float()
 
+    # -- feature taps (forward hooks on transformer blocks) -----------------------------------------
+    @staticmethod
+    def feature_dim(module: torch.nn.Module) -> int:
+        """Width of a block's hidden states (heads x head dim)."""
+        return int(module.config.num_attention_heads * module.config.attention_head_dim)
+
+    @staticmethod
+    def num_blocks(module: torch.nn.Module) -> int:
+        """How many transformer blocks a feature tap may name."""
+        return len(module.blocks)
+
+    def predict_noise_and_features(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                                   blocks: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """One forward of the role: its velocity (fp32) and the hidden states [B, N, D] leaving the chosen blocks
+        (forward hooks). One call per batch: ZeRO-3 reduces a block's gradients once per backward of each call, so
+        whatever one loss needs from a role goes through in one batch. A role whose parameters are frozen for this
+        pass (the critic inside the student's loss) is called as its bare module, never through its engine."""
+        module = role.module
+        taps: dict[int, torch.Tensor] = {}
+        hooks = [module.blocks[i].register_forward_hook(lambda _m, _a, out, i=i: taps.__setitem__(i, out))
+                 for i in blocks]
+        frozen = not any(p.requires_grad for p in module.blocks.parameters())
+        call = module if frozen else role
+        try:
+            v = call(hidden_states=x_t.to(self.device, self.dtype), timestep=t.to(self.device, torch.float32),
+                     encoder_hidden_states=cond.to(self.device, self.dtype), return_dict=False)[0]
+        finally:
+            for h in hooks:
+                h.remove()
+        return v.float(), [taps[i] for i in blocks]
+
     def predict_x0(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """x0_hat = x_t - sigma v (fp32)."""
         v = self.predict_noise(role, x_t, t, cond)

@@ -1,12 +1,17 @@
 """DMD2 few-step distillation: a trainable student, a frozen teacher (real score) and a trainable critic
 (fake score). The student learns to make samples whose teacher and critic x0 predictions agree.
 
+With `gan_loss_weight_gen > 0` the diffusion-GAN term of DMD2 joins in (see `gan.py`): a head on the critic's
+block features tells noised real latents from noised student samples; the critic's engine trains it, and the
+student gets `gan_loss_weight_gen * softplus(-D(fake))` through the frozen critic and head.
+
 Every choice that changes which modules run (exit index, whether the student updates, the CFG branch) comes
 from the step index or a generator seeded identically on all ranks, so ZeRO-3's collectives line up; only the
 per-sample noise differs between ranks (it is keyed by global sample id).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -19,12 +24,16 @@ from ds_distill.engines import OptimizerSpec
 from ds_distill.errors import RecipeError
 from ds_distill.methods.base import DistillMethod, default_optimizer_spec
 from ds_distill.methods.distribution_matching.ema import PartitionedEMA
+from ds_distill.methods.distribution_matching.gan import GAN_HEAD, GanHead, critic_gan_loss, generator_gan_loss
 from ds_distill.utils import rng
 from ds_distill.validators.base import ValidationRequest
 
 logger = logging.getLogger("ds_distill")
 
 DEFAULT_STEPS = [1000, 750, 500, 250]
+# The GAN term's randomness: rng streams no DMD2 draw uses (finetuning's), told apart by `extra`.
+GAN_STREAMS = {"gan_timestep": ("timestep", 1001), "critic_gan_timestep": ("timestep", 1002),
+               "gan_noise": ("noise", 1010), "critic_gan_noise": ("noise", 1020)}
 
 
 @dataclass
@@ -57,6 +66,21 @@ class DMD2Config:
     """EMA of the student's weights (0 disables); used for validation and export when on."""
     ema_start_step: int = 0
     """The EMA copies the weights until this step, then averages."""
+    gan_loss_weight_gen: float = 0.0
+    """Weight of the student's GAN loss softplus(-D(fake)); 0 turns the GAN term off (plain DMD2, bit for bit)."""
+    gan_loss_weight_critic: float = 0.01
+    """Weight of the critic's GAN loss softplus(D(fake)) + softplus(-D(real)) (used when the GAN term is on)."""
+    gan_feature_blocks: Optional[list[int]] = None
+    """Critic blocks whose output hidden states feed the head (negative counts from the end). Default: the last."""
+    gan_head: Literal["mean", "attention"] = "mean"
+    """Head over each tapped block's tokens: `mean` (LayerNorm + mean over tokens) or `attention` (one learned query
+    per block); the pooled vectors go through an MLP to one logit."""
+    gan_head_hidden: int = 256
+    """Width of the head's MLP."""
+    gan_timestep: Literal["shifted", "uniform"] = "shifted"
+    """How the GAN's noising timestep t (the same for a real latent and a student sample) is drawn: `shifted`
+    uniform raw then flow-shifted, like the score timestep; `uniform` uniform in sigma. Clamped to
+    [min_timestep_ratio, max_timestep_ratio] * 1000."""
     legacy_sources: list[str] = field(default_factory=list, init=False, repr=False)
 
 
@@ -112,10 +136,59 @@ class DMD2Method(DistillMethod):
                               f"iteration; raise training.train_batch_size instead")
         if config.critic_betas is not None and len(config.critic_betas) != 2:
             raise RecipeError(f"{source}: method_config.critic_betas: expected two numbers")
+        if not 0 <= config.gan_loss_weight_gen < float("inf"):
+            raise RecipeError(f"{source}: method_config.gan_loss_weight_gen: must be a finite number >= 0 (0: off)")
+        if config.gan_loss_weight_gen > 0:
+            if not 0 < config.gan_loss_weight_critic < float("inf"):
+                raise RecipeError(f"{source}: method_config.gan_loss_weight_critic: must be positive when "
+                                  f"gan_loss_weight_gen is on (the critic trains the head)")
+            blocks = config.gan_feature_blocks
+            if blocks is not None and (not blocks or len(set(blocks)) != len(blocks)):
+                raise RecipeError(f"{source}: method_config.gan_feature_blocks: expected a non-empty list of distinct "
+                                  f"block indices, e.g. [15, 22, 29]; got {blocks}")
+            if config.gan_head_hidden < 1:
+                raise RecipeError(f"{source}: method_config.gan_head_hidden: must be at least 1")
+
+    @staticmethod
+    def gan_on(config: DMD2Config) -> bool:
+        return config.gan_loss_weight_gen > 0
 
     @classmethod
     def needs_latents(cls, config: DMD2Config) -> bool:
-        return config.rollout_mode == "data"
+        return config.rollout_mode == "data" or cls.gan_on(config)
+
+    @classmethod
+    def latents_needed_by(cls, config: DMD2Config) -> Optional[str]:
+        """The knob that makes real latents necessary, for the data check's message (None: none does)."""
+        if cls.gan_on(config):
+            return "method_config.gan_loss_weight_gen (the GAN's real latents)"
+        return "method_config.rollout_mode: data" if config.rollout_mode == "data" else None
+
+    @classmethod
+    def zero3_leaf_modules_ok(cls, role: str, config: DMD2Config) -> bool:
+        """Whether the role's blocks may be ZeRO-3 leaf modules. Not the critic's with the GAN on: a leaf module
+        reduces its gradients in a module backward hook, which also fires when the student's GAN loss flows through
+        the frozen critic and would queue critic gradients twice; per-parameter hooks skip frozen parameters."""
+        return not (role == "critic" and cls.gan_on(config))
+
+    @classmethod
+    def extend_role(cls, role: str, config: DMD2Config, module: torch.nn.Module, adapter, source: str) -> None:
+        """Before the role's engine is built: the critic gets the GAN head as a submodule, so its engine owns it.
+        Resolves `gan_feature_blocks` against the critic's depth."""
+        if role != "critic" or not cls.gan_on(config):
+            return
+        n = adapter.num_blocks(module)
+        blocks = config.gan_feature_blocks if config.gan_feature_blocks is not None else [-1]
+        bad = [i for i in blocks if not -n <= i < n]
+        if bad:
+            raise RecipeError(f"{source}: method_config.gan_feature_blocks: block {bad[0]} does not exist (the critic "
+                              f"has {n} blocks: 0..{n - 1}, or -1..-{n} from the end)")
+        resolved = [i % n for i in blocks]
+        if len(set(resolved)) != len(resolved):
+            raise RecipeError(f"{source}: method_config.gan_feature_blocks: {blocks} names a block twice")
+        config.gan_feature_blocks = resolved
+        module.add_module(GAN_HEAD, GanHead(adapter.feature_dim(module), len(resolved), config.gan_head,
+                                            config.gan_head_hidden))
 
     @classmethod
     def optimizer_spec(cls, role: str, config: DMD2Config, training) -> OptimizerSpec:
@@ -141,6 +214,8 @@ class DMD2Method(DistillMethod):
         steps = torch.tensor(cfg.dmd_denoising_steps, dtype=torch.float32)
         self.step_timesteps = self.adapter.shift_timesteps(steps) if cfg.warp_denoising_step else steps
         self.ema = PartitionedEMA(self.student.module, cfg.ema_decay, self.strategy) if cfg.ema_decay > 0 else None
+        self.gan = self.gan_on(cfg)
+        self.gan_scalars: dict[str, float] = {}
 
     # -- pieces ---------------------------------------------------------------------------------
     def score_timesteps(self, b: TrainingBatch, stream: str) -> torch.Tensor:
@@ -187,10 +262,37 @@ class DMD2Method(DistillMethod):
         grad = torch.nan_to_num((fake - real) / norm)
         return x0 - grad
 
+    def gan_timesteps(self, b: TrainingBatch, stream: str) -> torch.Tensor:
+        """The GAN's noising timestep per sample (shared by the real latent and the student sample of a row)."""
+        name, extra = GAN_STREAMS[stream]
+        u = rng.per_sample_rand(b.sample_ids, self.seed, name, extra=extra) * 1000.0
+        t = self.adapter.shift_timesteps(u) if self.config.gan_timestep == "shifted" else u
+        return t.clamp(self.config.min_timestep_ratio * 1000.0, self.config.max_timestep_ratio * 1000.0)
+
+    def noised_for_gan(self, x0s: list[torch.Tensor], b: TrainingBatch, t: torch.Tensor, stream: str) -> torch.Tensor:
+        """Each batch of x0s noised at the same t per row, with independent noise, stacked [n*B, ...]."""
+        name, extra = GAN_STREAMS[stream]
+        return torch.cat([self.adapter.add_noise(x0, rng.per_sample_randn(
+            b.latent_shape, b.sample_ids, self.seed, name, extra=extra + i, device=x0.device), t)
+            for i, x0 in enumerate(x0s)])
+
+    def head(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """The discriminator head on the critic (logits [B], fp32)."""
+        return getattr(self.critic.module, GAN_HEAD)(features)
+
     def generator_loss(self, b: TrainingBatch, step: int) -> torch.Tensor:
         x0_gen = self.student_sample(b, step, with_grad=True, stream="rollout_noise")
         target = self.dmd_target(x0_gen, b)
-        return 0.5 * self.mse(x0_gen, target)
+        loss = 0.5 * self.mse(x0_gen, target)
+        if self.gan:  # through the frozen critic and head: only the student gets gradients
+            t = self.gan_timesteps(b, "gan_timestep")
+            x_t = self.noised_for_gan([x0_gen], b, t, "gan_noise")
+            _, feats = self.adapter.predict_noise_and_features(self.critic, x_t, t, b.cond,
+                                                               self.config.gan_feature_blocks)
+            gan = generator_gan_loss(self.head(feats))
+            self.gan_scalars["student/gan_loss"] = float(gan.detach())
+            loss = loss + self.config.gan_loss_weight_gen * gan
+        return loss
 
     def critic_loss(self, b: TrainingBatch, step: int) -> torch.Tensor:
         a = self.adapter
@@ -198,8 +300,21 @@ class DMD2Method(DistillMethod):
         t = self.score_timesteps(b, "critic_timestep")
         eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "critic_noise", device=x0.device)
         x_t = a.add_noise(x0, eps, t)
-        v = a.predict_noise(self.critic, x_t, t, b.cond)
-        return self.mse(v, eps - x0)
+        if not self.gan:
+            return self.mse(a.predict_noise(self.critic, x_t, t, b.cond), eps - x0)
+        # one critic forward: flow-matching rows, then student samples and real latents noised at the same t_gan
+        t_gan = self.gan_timesteps(b, "critic_gan_timestep")
+        x_gan = self.noised_for_gan([x0, b.latents.to(x0)], b, t_gan, "critic_gan_noise")
+        n = b.batch_size
+        v, feats = a.predict_noise_and_features(self.critic, torch.cat([x_t, x_gan]), torch.cat([t, t_gan, t_gan]),
+                                                b.cond.repeat(3, 1, 1), self.config.gan_feature_blocks)
+        loss = self.mse(v[:n], eps - x0)
+        fake, real = self.head([f[n:] for f in feats]).chunk(2)
+        gan = critic_gan_loss(fake, real)
+        self.gan_scalars.update({"critic/gan_loss": float(gan.detach()),
+                                 "critic/d_real": float(torch.sigmoid(real.detach()).mean()),
+                                 "critic/d_fake": float(torch.sigmoid(fake.detach()).mean())})
+        return loss + self.config.gan_loss_weight_critic * gan
 
     def updates_student(self, step: int) -> bool:
         """Same answer on every rank: a function of the step only."""
@@ -208,18 +323,37 @@ class DMD2Method(DistillMethod):
     # -- the iteration --------------------------------------------------------------------------
     def train_one_step(self, micro_batches: list[dict], step: int) -> dict[str, float]:
         (raw,) = micro_batches
-        source = "data" if self.config.rollout_mode == "data" else "zeros"
+        source = "data" if self.config.rollout_mode == "data" or self.gan else "zeros"
         b = self.adapter.prepare_batch(raw, latents_source=source)
         out = {}
+        self.gan_scalars = {}
         if self.updates_student(step):
-            loss = self.generator_loss(b, step)
-            if self.update(self.student, loss, step) and self.ema is not None:
-                self.ema.update(step, self.config.ema_start_step)
+            with self.critic_frozen():
+                loss = self.generator_loss(b, step)
+                if self.update(self.student, loss, step) and self.ema is not None:
+                    self.ema.update(step, self.config.ema_start_step)
             out["student/loss"] = float(loss.detach())
         loss = self.critic_loss(b, step)
         self.update(self.critic, loss, step)
         out["critic/loss"] = float(loss.detach())
+        out.update(self.gan_scalars)
         return out
+
+    @contextlib.contextmanager
+    def critic_frozen(self):
+        """While the student's GAN loss flows through the critic and head, they hold no gradient (ZeRO-3's
+        gradient bucketing of the critic must not see the student's backward); restores exactly what trained."""
+        if not self.gan:
+            yield
+            return
+        trained = [p for p in self.critic.module.parameters() if p.requires_grad]
+        for p in trained:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in trained:
+                p.requires_grad_(True)
 
     def raw_denoising_steps(self) -> list[float]:
         """The student's schedule as raw timesteps (what samplers shift by flow_shift): the list itself when it is
