@@ -203,6 +203,7 @@ def train_with(args, recipe, checked, found, strategy, preemption, started: floa
             print("dry run: recipe, roles, engines and data are ready; nothing was written; exiting before training")
         strategy.close()
         return 0
+    trainer.start_tracker()  # a wandb login or network problem stops the run before anything is written
     trainer.resume(found.resume_path, found.resume_state, load_dir)
     if dist.is_main:
         write_text_atomic(output_dir / "recipe.yaml", dump_recipe(recipe))

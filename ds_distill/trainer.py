@@ -220,6 +220,19 @@ class Trainer:
             loader.close()
             self.tracker.close()
 
+    def start_tracker(self) -> None:
+        """Rank 0 starts the trackers (wandb logs in now, not at the first scalar); when one cannot start, every
+        rank stops: one line from rank 0, exit 2 on all. The training entry calls it before writing anything."""
+        reason = self.tracker.start() if self.dist.is_main else None
+        if self.dist.world_size > 1:
+            reason = self.strategy.broadcast_object(reason)
+        if reason is not None:
+            if self.dist.is_main:
+                from ds_distill.errors import UserError
+
+                raise UserError(reason)
+            raise SystemExit(2)
+
     def _loop(self, loader: TrainLoader) -> dict:
         t, d = self.t, self.dist
         if t.log_validation and self.step == 0:

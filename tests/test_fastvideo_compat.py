@@ -218,6 +218,19 @@ def test_wandb_without_the_package_is_one_line(three_wans, toy_data, tmp_path):
     assert len(lines) == 1 and "training.trackers: wandb is not installed" in lines[0] and "pip install wandb" in lines[0]
 
 
+def test_wandb_without_a_login_stops_before_anything_is_written(tiny_wan, toy_data, tmp_path):
+    """Online wandb with no API key: one line saying what to do, exit 2, the run folder left empty."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "ft.yaml", finetune_recipe(tiny_wan, toy_data, out, max_train_steps=1,
+                                                                trackers=["wandb"]))
+    env = {"HOME": str(tmp_path), "WANDB_MODE": "online", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    result = run_cli(train_cmd(recipe), env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: training.trackers: wandb could not start a run") and "WANDB_MODE=offline" in last
+    assert "Traceback" not in result.stderr and not any(out.iterdir())
+
+
 # -- wandb next to TensorBoard --------------------------------------------------------------------
 
 

@@ -30,8 +30,8 @@ def check_trackers(training, source: str) -> None:
     if len(set(names)) != len(names):
         raise RecipeError(f"{source}: training.trackers: {names} lists a tracker twice")
     if "wandb" in names and not wandb_installed():
-        raise RecipeError(f"{source}: training.trackers: wandb is not installed; `pip install wandb` (or "
-                          f"`pip install ds_distill[wandb]`), or remove it from the list")
+        raise RecipeError(f"{source}: training.trackers: wandb is not installed (an optional extra); "
+                          f"`pip install wandb`, or remove it from the list")
 
 
 def wandb_installed() -> bool:
@@ -106,6 +106,9 @@ class _Wandb:
                                 f"run `wandb login`, or set WANDB_MODE=offline to log locally") from None
         return self._run
 
+    def start(self) -> None:
+        self.run  # noqa: B018 -- starting the run is the point: a login or network problem shows now
+
     def scalars(self, values: dict[str, float], step: int) -> None:
         self.run.log(dict(values), step=step)
 
@@ -165,6 +168,17 @@ class Tracker:
     def purge_step(self, step: Optional[int]) -> None:
         if "tensorboard" in self.backends:
             self.backends["tensorboard"].purge_step = step
+
+    def start(self) -> str | None:
+        """Start the backends that talk to a service (wandb) before the first step; returns the one-line reason
+        one could not start, or None."""
+        try:
+            for b in self.backends.values():
+                if hasattr(b, "start"):
+                    b.start()
+        except UserError as exc:
+            return str(exc)
+        return None
 
     def log_scalars(self, values: dict[str, float], step: int) -> None:
         for b in self.backends.values():
