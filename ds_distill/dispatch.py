@@ -117,7 +117,24 @@ def check_recipe(recipe) -> CheckedRecipe:
         raise RecipeError(f"{src}: training.validation_dataset_file: required when log_validation is true")
     method_cls.check_config(method_config, t, src)
     check_latents_in_data(recipe, method_cls, method_config)
+    check_depth = getattr(method_cls, "check_role_depths", None)
+    if check_depth is not None:
+        check_depth(method_config, lambda role: _role_depth(recipe, role), src)
     return CheckedRecipe(recipe=recipe, method_cls=method_cls, method_config=method_config)
+
+
+def _role_depth(recipe, role: str) -> int | None:
+    """Number of transformer blocks of a role (its config's num_layers), or None when it cannot be read yet (a hub
+    id offline, a missing folder: the loaders report those)."""
+    spec = recipe.roles.get(role)
+    if spec is None:
+        return None
+    try:
+        comps = get_family(spec.family, recipe.source)().components(spec.path, recipe.source, f"roles.{role}.path")
+    except Exception:
+        return None
+    depth = comps.transformer_config.get("num_layers")
+    return depth if isinstance(depth, int) else None
 
 
 def check_latents_in_data(recipe, method_cls, method_config) -> None:

@@ -253,11 +253,24 @@ def test_gan_on_text_only_data_is_a_recipe_error(tiny_wan, toy_data, tmp_path):
         check_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
     for bad, key in (({"gan_loss_weight_critic": 0.0}, "gan_loss_weight_critic"),
                      ({"gan_feature_blocks": []}, "gan_feature_blocks"),
-                     ({"gan_loss_weight_gen": -1.0}, "gan_loss_weight_gen")):
+                     ({"gan_loss_weight_gen": -1.0}, "gan_loss_weight_gen"),
+                     ({"gan_feature_blocks": [7]}, r"gan_feature_blocks: block 7 does not exist \(the critic has 4"),
+                     ({"gan_feature_blocks": [1, -3]}, "gan_feature_blocks: .* names a block twice")):
         recipe = dmd2_recipe(tiny_wan, toy_data, tmp_path / "out", {**GAN, **bad},
                              data_path=str(toy_data / "latents"))
         with pytest.raises(RecipeError, match=f"method_config.{key}"):
             check_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+
+
+def test_bad_gan_blocks_stop_the_run_before_anything_is_written(tiny_wan, toy_data, tmp_path):
+    out = tmp_path / "out"
+    recipe = dmd2_recipe(tiny_wan, toy_data, out, {**GAN, "gan_feature_blocks": [1, 4]},
+                         data_path=str(toy_data / "latents"))
+    res = run_cli(train_cmd(write_recipe(tmp_path / "r.yaml", recipe)))
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [x for x in res.stderr.splitlines() if "method_config.gan_feature_blocks" in x]
+    assert len(lines) == 1 and "block 4 does not exist" in lines[0] and "Traceback" not in res.stderr
+    assert not out.exists()
 
 
 def test_two_ranks_match_one_rank_with_gan(tiny_wan, toy_data, tmp_path):

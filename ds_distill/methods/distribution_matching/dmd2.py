@@ -172,13 +172,17 @@ class DMD2Method(DistillMethod):
         return not (role == "critic" and cls.gan_on(config))
 
     @classmethod
-    def extend_role(cls, role: str, config: DMD2Config, module: torch.nn.Module, adapter, source: str) -> None:
-        """Before the role's engine is built: the critic gets the GAN head as a submodule, so its engine owns it.
-        Resolves `gan_feature_blocks` against the critic's depth."""
-        if role != "critic" or not cls.gan_on(config):
-            return
-        n = adapter.num_blocks(module)
-        blocks = config.gan_feature_blocks if config.gan_feature_blocks is not None else [-1]
+    def check_role_depths(cls, config: DMD2Config, depth_of, source: str) -> None:
+        """gan_feature_blocks against the critic's depth, before anything is written (the same check runs again when
+        the head is attached)."""
+        n = depth_of("critic") if cls.gan_on(config) else None
+        if n is not None:
+            cls.resolve_blocks(config.gan_feature_blocks, n, source)
+
+    @staticmethod
+    def resolve_blocks(blocks: Optional[list[int]], n: int, source: str) -> list[int]:
+        """Block indices (negative from the end; None: the last) checked against a depth of n, as 0..n-1."""
+        blocks = blocks if blocks is not None else [-1]
         bad = [i for i in blocks if not -n <= i < n]
         if bad:
             raise RecipeError(f"{source}: method_config.gan_feature_blocks: block {bad[0]} does not exist (the critic "
@@ -186,6 +190,15 @@ class DMD2Method(DistillMethod):
         resolved = [i % n for i in blocks]
         if len(set(resolved)) != len(resolved):
             raise RecipeError(f"{source}: method_config.gan_feature_blocks: {blocks} names a block twice")
+        return resolved
+
+    @classmethod
+    def extend_role(cls, role: str, config: DMD2Config, module: torch.nn.Module, adapter, source: str) -> None:
+        """Before the role's engine is built: the critic gets the GAN head as a submodule, so its engine owns it.
+        Resolves `gan_feature_blocks` against the critic's depth."""
+        if role != "critic" or not cls.gan_on(config):
+            return
+        resolved = cls.resolve_blocks(config.gan_feature_blocks, adapter.num_blocks(module), source)
         config.gan_feature_blocks = resolved
         module.add_module(GAN_HEAD, GanHead(adapter.feature_dim(module), len(resolved), config.gan_head,
                                             config.gan_head_hidden))
