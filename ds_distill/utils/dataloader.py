@@ -91,6 +91,7 @@ class ParquetDataset(torch.utils.data.Dataset):
                 total += segment.rows * repeat
         if total == 0:
             raise DataError(f"{path}: the dataset has no rows")
+        self._segment_starts = [seg.start for seg in self.segments]
         self.num_rows = total
         self.columns = needed + ["caption"]
         self._cache: OrderedDict = OrderedDict()
@@ -142,14 +143,14 @@ class ParquetDataset(torch.utils.data.Dataset):
 
     def _file_row(self, index: int) -> tuple[int, int]:
         """(file number, row within that file) of an index (repeats of a source map to the same rows)."""
-        seg = self.segments[bisect.bisect_right([s.start for s in self.segments], index) - 1]
+        seg = self.segments[bisect.bisect_right(self._segment_starts, index) - 1]
         physical = seg.physical_start + (index - seg.start) % seg.rows
         fi = bisect.bisect_right(self._physical, physical) - 1
         return fi, physical - self._physical[fi]
 
     def source_of(self, index: int) -> int:
         """Which entry of `training.data_path` an index draws from (0 for a single path)."""
-        return self.segments[bisect.bisect_right([s.start for s in self.segments], index) - 1].source
+        return self.segments[bisect.bisect_right(self._segment_starts, index) - 1].source
 
     def locate(self, index: int) -> tuple[Path, int]:
         """The file of a global row index and the row number within that file (what error messages name)."""
