@@ -56,7 +56,7 @@ class LoraSpec:
     """Module names (peft's suffix matching) that get adapters; default: the attention projections."""
     dropout: float = 0.0
     """Dropout on the adapter's input."""
-    init: Literal["gaussian", "zeros", "default"] = "default"
+    init: Literal["default", "gaussian"] = "default"
     """Adapter initialisation: peft's default (B = 0, so training starts at the base model) or gaussian."""
 
 
