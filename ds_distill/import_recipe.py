@@ -122,8 +122,12 @@ class Importer:
                 role["gradient_checkpointing"] = self.checkpointing(f"{where}.enable_gradient_checkpointing_type",
                                                                     ckpt)
             lora = self.take(spec, "lora", None)
-            if isinstance(lora, dict) and lora.pop("enable", True):
+            if isinstance(lora, dict) and lora.get("enable", True):
+                lora.pop("enable", None)
                 role["lora"] = self.lora(lora, f"{where}.lora")
+            elif lora is not None:
+                self.note(f"{where}.lora", lora, "LoRA is off there, so the role trains all its weights here too; "
+                          "nothing imported")
             value = self.take(spec, "disable_custom_init_weights", None)
             if value is not None:
                 self.note(f"{where}.disable_custom_init_weights", value, "nothing to do: roles load their "
