@@ -301,3 +301,19 @@ def test_two_ranks_match_one_rank_with_gan(tiny_wan, toy_data, tmp_path):
     assert heads[0] and heads[0].keys() == heads[1].keys()
     for k in heads[0]:
         torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("name, steps, gan", [
+    ("tiny_dmd2", 4, 0.0), ("tiny_dmd2_1step", 1, 0.0), ("tiny_dmd2_gan", 4, 0.05), ("tiny_dmd2_gan_1step", 1, 0.05),
+    ("wan2.1_t2v_1.3B_dmd2_gan_4steps", 4, 0.03), ("wan2.1_t2v_1.3B_dmd2_8steps", 8, 0.0)])
+def test_shipped_dmd2_recipes(name, steps, gan):
+    """The shipped DMD2 recipes check, keep the whole score-timestep range, and read latents exactly when the GAN
+    term is on."""
+    from conftest import REPO
+
+    checked = check_recipe(load_recipe(str(REPO / "recipes" / f"{name}.yaml")))
+    cfg = checked.method_config
+    assert len(cfg.dmd_denoising_steps) == steps and cfg.gan_loss_weight_gen == gan
+    assert (cfg.min_timestep_ratio, cfg.max_timestep_ratio) == (0.02, 0.98) and cfg.generator_update_interval > 1
+    assert checked.method_cls.needs_latents(cfg) == (gan > 0)
+    assert str(checked.recipe.training.data_path).endswith("latents" if gan else "text_only")
