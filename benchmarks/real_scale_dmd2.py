@@ -37,14 +37,14 @@ GIB = 2**30
 def register_random_family():
     """`wan_random`: the wan family, with the weight streaming left out (random weights from the config)."""
     from ds_distill.dispatch import _FAMILIES, register_family
-    from ds_distill.models.wan import WanFamily, keep_diffusers_fp32
+    from ds_distill.models.wan import WanFamily, add_lora, keep_diffusers_fp32
 
     if "wan_random" in _FAMILIES:
         return
 
     @register_family("wan_random")
     class RandomWan(WanFamily):
-        def load_transformer(self, comps, strategy, ds_config, use_zero_init=True, trainable=True):
+        def load_transformer(self, comps, strategy, ds_config, use_zero_init=True, trainable=True, lora=None):
             from diffusers import WanTransformer3DModel
 
             config = {k: v for k, v in comps.transformer_config.items() if not k.startswith("_")}
@@ -52,6 +52,8 @@ def register_random_family():
                 module = WanTransformer3DModel.from_config(config)
             offload = ds_config.get("zero_optimization", {}).get("offload_param", {}).get("device")
             keep_diffusers_fp32(module, fp32_storage=not trainable and offload != "nvme")
+            if lora is not None:
+                add_lora(module, lora)
             return module
 
 
