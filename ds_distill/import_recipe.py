@@ -53,6 +53,12 @@ class Importer:
     def note(self, key: str, value: Any, advice: str) -> None:
         self.notes.append(f"{key}: {_show(value)} -- {advice}")
 
+    def unmapped(self, section: dict | None, key: str, where: str, advice: str) -> None:
+        """Take a key that has no counterpart here and, when it was set, list it as `where.key` with advice."""
+        value = self.take(section, key, None)
+        if value is not None:
+            self.note(f"{where}.{key}", value, advice)
+
     def section(self, parent: dict, name: str, where: str) -> dict:
         value = parent.get(name)
         if value is None:
@@ -128,13 +134,9 @@ class Importer:
             elif lora is not None:
                 self.note(f"{where}.lora", lora, "LoRA is off there, so the role trains all its weights here too; "
                           "nothing imported")
-            value = self.take(spec, "disable_custom_init_weights", None)
-            if value is not None:
-                self.note(f"{where}.disable_custom_init_weights", value, "nothing to do: roles load their "
+            self.unmapped(spec, "disable_custom_init_weights", where, "nothing to do: roles load their "
                           "Diffusers weights as they are (no custom initialisation here)")
-            value = self.take(spec, "attention_backend", None)
-            if value is not None:
-                self.note(f"{where}.attention_backend", value, "no per-role attention backend here: every role "
+            self.unmapped(spec, "attention_backend", where, "no per-role attention backend here: every role "
                           "uses torch's scaled_dot_product_attention (dense)")
             for key in list(spec):
                 self.note(f"{where}.{key}", spec.pop(key), "no counterpart for this model option; remove it, or "
@@ -189,13 +191,9 @@ class Importer:
                       "(ZeRO-3 partitions parameters over all ranks instead)")
         for key in ("hsdp_replicate_dim", "hsdp_shard_dim", "reshard_after_forward", "fsdp_modules_per_group",
                     "fsdp_symmetric_memory"):
-            value = self.take(d, key, None)
-            if value is not None:
-                self.note(f"training.distributed.{key}", value, "FSDP setting: ZeRO-3 shards every trainable role "
+            self.unmapped(d, key, "training.distributed", "FSDP setting: ZeRO-3 shards every trainable role "
                           "over all ranks here; tune ds_configs/zero3_train.json (or training.ds_config) instead")
-        value = self.take(d, "pin_cpu_memory", None)
-        if value is not None:
-            self.note("training.distributed.pin_cpu_memory", value, "no counterpart; for host offload set "
+        self.unmapped(d, "pin_cpu_memory", "training.distributed", "no counterpart; for host offload set "
                       "training.offload_param (frozen roles) or the DeepSpeed template's offload settings")
         self.rest(d, "training.distributed")
 
@@ -209,13 +207,9 @@ class Importer:
                 self.training[ours] = value
         if isinstance(self.training.get("data_path"), dict):
             self.training["data_path"] = {str(k): int(v) for k, v in self.training["data_path"].items()}
-        value = self.take(d, "num_latent_t", None)
-        if value is not None:
-            self.note("training.data.num_latent_t", value, "nothing to do: latent frames follow from num_frames "
+        self.unmapped(d, "num_latent_t", "training.data", "nothing to do: latent frames follow from num_frames "
                       "and the VAE here")
-        value = self.take(d, "preprocessed_data_type", None)
-        if value is not None:
-            self.note("training.data.preprocessed_data_type", value, "nothing to do: the loader reads the "
+        self.unmapped(d, "preprocessed_data_type", "training.data", "nothing to do: the loader reads the "
                       "parquet columns (latents + text, or text only) and the method says which it needs")
         cfg_rate = self.take(d, "training_cfg_rate", None)
         if cfg_rate is not None:
@@ -243,9 +237,7 @@ class Importer:
                 self.note("training.optimizer.lr_scheduler", sched, f"not available here ({', '.join(LR_SCHEDULERS)}"
                           f"); the imported recipe uses constant -- set training.lr_scheduler to one of these")
         for key in ("lr_num_cycles", "lr_power", "min_lr_ratio"):
-            value = self.take(o, key, None)
-            if value is not None:
-                self.note(f"training.optimizer.{key}", value, "no counterpart (schedules here: constant, linear "
+            self.unmapped(o, key, "training.optimizer", "no counterpart (schedules here: constant, linear "
                           "and cosine to 0 after warm-up); remove it")
         self.rest(o, "training.optimizer")
 
@@ -266,9 +258,7 @@ class Importer:
         if value:
             self.note("training.checkpoint.resume_from_checkpoint", value, "resuming is a command-line choice "
                       "here: add `--resume latest` (or --resume CHECKPOINT_FOLDER) to the training command")
-        value = self.take(ck, "weight_only_checkpointing_steps", None)
-        if value is not None:
-            self.note("training.checkpoint.weight_only_checkpointing_steps", value, "no weight-only checkpoints "
+        self.unmapped(ck, "weight_only_checkpointing_steps", "training.checkpoint", "no weight-only checkpoints "
                       "during training; export weights from any checkpoint with `ds-distill convert`")
         self.rest(ck, "training.checkpoint")
 
@@ -326,10 +316,8 @@ class Importer:
             self.note(f"training.vsa.{key}", vsa.pop(key), "video sparse attention is not available here; "
                       "attention is dense")
         training.pop("vsa", None)
-        value = self.take(training, "dit_precision", None)
-        if value is not None:
-            self.note("training.dit_precision", value, "nothing to do: master weights are fp32 here; the compute "
-                      "dtype is training.mixed_precision (bf16 by default)")
+        self.unmapped(training, "dit_precision", "training", "nothing to do: master weights are fp32 here; the "
+                      "compute dtype is training.mixed_precision (bf16 by default)")
         value = self.take(training, "model_path", None)
         if value:
             self.note("training.model_path", value, "roles.<name>.path names each role's folder; remove it")
@@ -397,18 +385,14 @@ class Importer:
         kind = self.take(v, "sampler_kind", None)
         if kind is not None:
             self.pipeline["sampler_kind"] = kind
-        value = self.take(v, "pipeline_target", None)
-        if value is not None:
-            self.note("callbacks.validation.pipeline_target", value, "nothing to do: validation samples the "
+        self.unmapped(v, "pipeline_target", "callbacks.validation", "nothing to do: validation samples the "
                       "student with the method's sampler (dmd2: few-step SDE, finetune: pipeline_config.sampler_kind)")
         value = self.take(v, "run_at_start", None)
         if value is False:
             self.note("callbacks.validation.run_at_start", value, "validation here also runs before the first "
                       "step; set training.log_validation: false to turn validation off altogether")
         for key in ("num_frames", "height", "width"):
-            value = self.take(v, key, None)
-            if value is not None:
-                self.note(f"callbacks.validation.{key}", value, f"give `{key}` per prompt in the validation JSON "
+            self.unmapped(v, key, "callbacks.validation", f"give `{key}` per prompt in the validation JSON "
                           f"(default: training.{key})")
         self.rest(v, "callbacks.validation")
 

@@ -185,11 +185,11 @@ def bf16_dmd2_runs(bf16_dmd2_started) -> dict[int, Path]:
     return outs
 
 
-def train_in_process(recipe_path: Path, dist_env) -> Path:
-    """What `python -m ds_distill.train --config R` does, on the session's one-rank process group."""
+def build_in_process(recipe_path: Path, dist_env):
+    """What `python -m ds_distill.train --config R` builds before training, on the session's one-rank process
+    group: (runtime, dataset, output_dir)."""
     from ds_distill.dispatch import build_runtime, check_recipe
     from ds_distill.engines import Strategy
-    from ds_distill.trainer import Trainer
     from ds_distill.utils.config import dump_recipe, load_recipe
     from ds_distill.utils.dataloader import ParquetDataset
 
@@ -201,6 +201,14 @@ def train_in_process(recipe_path: Path, dist_env) -> Path:
     runtime = build_runtime(checked, Strategy(dist_env))
     dataset = ParquetDataset(recipe.training.data_path, recipe.training.text_len,
                              checked.method_cls.needs_latents(checked.method_config))
+    return runtime, dataset, out
+
+
+def train_in_process(recipe_path: Path, dist_env) -> Path:
+    """What `python -m ds_distill.train --config R` does, on the session's one-rank process group."""
+    from ds_distill.trainer import Trainer
+
+    runtime, dataset, out = build_in_process(recipe_path, dist_env)
     Trainer(runtime, dataset).train()
     return out
 

@@ -113,12 +113,24 @@ def listed(stdout: str) -> dict[str, str]:
     return {ln.split(":", 1)[0]: ln for ln in lines}
 
 
+def imported(src: Path, out: Path) -> tuple:
+    """Import a FastVideo recipe: (the finished command, the recipe it wrote)."""
+    result = import_cli(src, out)
+    assert result.returncode == 0, result.stderr
+    return result, yaml.safe_load(out.read_text())
+
+
+def dry_runs(recipe: Path) -> None:
+    """`ds-distill train --dry-run` accepts the recipe."""
+    dry = run_cli(train_cmd(recipe, "--dry-run"), timeout=300)
+    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
+    assert "dry run: recipe, roles, engines and data are ready" in dry.stdout
+
+
 def test_finetune_imports_and_dry_runs(tiny_wan, toy_data, tmp_path):
     src = write(tmp_path / "fv_finetune.yaml", fastvideo_finetune(tiny_wan, toy_data, tmp_path / "run"))
     out = tmp_path / "finetune.yaml"
-    result = import_cli(src, out)
-    assert result.returncode == 0, result.stderr
-    recipe = yaml.safe_load(out.read_text())
+    result, recipe = imported(src, out)
     t, m = recipe["training"], recipe["method_config"]
     assert recipe["recipe"] == {"family": "wan", "method": "finetune"}
     assert recipe["roles"] == {"student": {"path": str(tiny_wan), "trainable": True}}
@@ -146,18 +158,14 @@ def test_finetune_imports_and_dry_runs(tiny_wan, toy_data, tmp_path):
     header = [ln for ln in out.read_text().splitlines() if ln.startswith("#   ")]
     assert sorted(ln[4:] for ln in header) == sorted(lines.values())
 
-    dry = run_cli(train_cmd(out, "--dry-run"), timeout=300)
-    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
-    assert "dry run: recipe, roles, engines and data are ready" in dry.stdout
+    dry_runs(out)
     assert not (tmp_path / "run").exists()
 
 
 def test_dmd2_imports_and_dry_runs(tiny_wan, toy_data, tmp_path):
     src = write(tmp_path / "fv_dmd2.yaml", fastvideo_dmd2(tiny_wan, toy_data, tmp_path / "run"))
     out = tmp_path / "dmd2.yaml"
-    result = import_cli(src, out)
-    assert result.returncode == 0, result.stderr
-    recipe = yaml.safe_load(out.read_text())
+    result, recipe = imported(src, out)
     t, m = recipe["training"], recipe["method_config"]
     assert recipe["recipe"] == {"family": "wan", "method": "dmd2"}
     assert {n: r["trainable"] for n, r in recipe["roles"].items()} == {"student": True, "teacher": False,
@@ -176,9 +184,7 @@ def test_dmd2_imports_and_dry_runs(tiny_wan, toy_data, tmp_path):
     assert "training.model.enable_torch_compile" in lines and "callbacks.validation.sampling_timesteps" in lines
     assert "method.fake_score_lr_scheduler" not in lines  # the same schedule as the student's: nothing lost
 
-    dry = run_cli(train_cmd(out, "--dry-run"), timeout=300)
-    assert dry.returncode == 0, dry.stdout[-3000:] + dry.stderr[-3000:]
-    assert "dry run: recipe, roles, engines and data are ready" in dry.stdout
+    dry_runs(out)
 
 
 def test_sequence_parallel_and_schedules_without_counterpart_are_listed(tiny_wan, toy_data, tmp_path):

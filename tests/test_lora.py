@@ -14,8 +14,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import (PYTHON, REPO, deepspeed_cmd, dmd2_recipe, finetune_recipe, read_metrics, run_cli, train_cmd,
-                      write_recipe)
+from conftest import (PYTHON, REPO, build_in_process, deepspeed_cmd, dmd2_recipe, finetune_recipe, read_metrics,
+                      run_cli, train_cmd, write_recipe)
 from ds_distill import export
 
 LORA = {"rank": 4, "alpha": 8.0}
@@ -82,23 +82,6 @@ def lora_runs(lora_runs_started) -> dict[int, tuple[Path, Path]]:
     return outs
 
 
-def build(recipe_path: Path, dist_env):
-    from ds_distill.dispatch import build_runtime, check_recipe
-    from ds_distill.engines import Strategy
-    from ds_distill.utils.config import dump_recipe, load_recipe
-    from ds_distill.utils.dataloader import ParquetDataset
-
-    recipe = load_recipe(str(recipe_path))
-    checked = check_recipe(recipe)
-    out = Path(recipe.training.output_dir)
-    out.mkdir(parents=True)
-    (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    runtime = build_runtime(checked, Strategy(dist_env))
-    dataset = ParquetDataset(recipe.training.data_path, recipe.training.text_len,
-                             checked.method_cls.needs_latents(checked.method_config))
-    return runtime, dataset, out
-
-
 def whole(module) -> dict[str, torch.Tensor]:
     """Every parameter of a ZeRO-3 module, gathered (collective; one rank here)."""
     import deepspeed
@@ -137,7 +120,7 @@ def test_lora_finetune_exports_reproduce_the_trained_model(tiny_wan, toy_data, l
 
     recipe = write_recipe(tmp_path / "r.yaml", lora_finetune_recipe(
         tiny_wan, toy_data, tmp_path / "run", max_train_steps=3, gradient_checkpointing=True, trackers=[]))
-    runtime, dataset, out = build(recipe, dist_env)
+    runtime, dataset, out = build_in_process(recipe, dist_env)
     student = runtime.bundle["student"]
     adapters = set(lora_parameter_names(student.module))
     assert len(adapters) == 4 * 4 * 2 * 2  # 4 blocks x (to_q, to_k, to_v, to_out.0) x (A, B) x (attn1, attn2)
@@ -249,7 +232,7 @@ def test_lora_dmd2_bf16_trains_adapters_of_student_and_critic(tiny_wan, toy_data
                     train_batch_size=2, mixed_precision="bf16", gradient_checkpointing=True, trackers=[])
     r["roles"]["student"]["lora"] = dict(LORA)
     r["roles"]["critic"]["lora"] = {"rank": 2, "alpha": 2.0, "target_modules": ["to_q", "to_v", "ffn.net.2"]}
-    runtime, dataset, out = build(write_recipe(tmp_path / "r.yaml", r), dist_env)
+    runtime, dataset, out = build_in_process(write_recipe(tmp_path / "r.yaml", r), dist_env)
     roles = {n: runtime.bundle[n] for n in ("student", "critic", "teacher")}
     adapters = {n: set(lora_parameter_names(h.module)) for n, h in roles.items()}
     assert adapters["teacher"] == set() and len(adapters["critic"]) == 4 * (2 * 2 + 1) * 2
