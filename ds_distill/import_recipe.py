@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ds_distill.errors import RecipeError, UserError, exit_on_user_error
+from ds_distill.utils.tracking import wandb_installed
 
 MODEL_TARGETS = {"fastvideo.train.models.wan.WanModel": "wan"}
 METHOD_TARGETS = {
@@ -52,6 +53,23 @@ class Importer:
 
     def note(self, key: str, value: Any, advice: str) -> None:
         self.notes.append(f"{key}: {_show(value)} -- {advice}")
+
+    def number(self, value: Any, key: str, kind: type = float):
+        """`kind(value)` for a numeric key of the input; anything else is one line naming the key."""
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{self.source}: {key}: expected {'an integer' if kind is int else 'a number'}, "
+                              f"got {value!r}") from None
+
+    def betas(self, value: Any, key: str) -> list[float]:
+        """Adam betas written as a list or as FastVideo's "0.9,0.999" string."""
+        parts = value.split(",") if isinstance(value, str) else value
+        if not isinstance(parts, (list, tuple)) or len(parts) != 2:
+            raise RecipeError(f"{self.source}: {key}: expected two numbers (a list or \"b1,b2\"), got {value!r}")
+        return [self.number(b, key) for b in parts]
 
     def unmapped(self, section: dict | None, key: str, where: str, advice: str) -> None:
         """Take a key that has no counterpart here and, when it was set, list it as `where.key` with advice."""
@@ -131,9 +149,12 @@ class Importer:
             if isinstance(lora, dict) and lora.get("enable", True):
                 lora.pop("enable", None)
                 role["lora"] = self.lora(lora, f"{where}.lora")
-            elif lora is not None:
+            elif isinstance(lora, dict):
                 self.note(f"{where}.lora", lora, "LoRA is off there, so the role trains all its weights here too; "
                           "nothing imported")
+            elif lora is not None:
+                self.note(f"{where}.lora", lora, "expected a mapping (rank, alpha, target_modules, ...); set "
+                          f"roles.{name}.lora by hand")
             self.unmapped(spec, "disable_custom_init_weights", where, "nothing to do: roles load their "
                           "Diffusers weights as they are (no custom initialisation here)")
             self.unmapped(spec, "attention_backend", where, "no per-role attention backend here: every role "
@@ -164,6 +185,7 @@ class Importer:
         modules = self.take(lora, "target_modules", None)
         if modules is not None:
             # peft matches module names by suffix; diffusers' output projection is the Linear `to_out.0`
+            modules = [modules] if isinstance(modules, str) else modules
             out["target_modules"] = ["to_out.0" if m == "to_out" else m for m in modules]
         for key in list(lora):
             self.note(f"{where}.{key}", lora.pop(key), "no counterpart among roles.<name>.lora keys (rank, alpha, "
@@ -173,10 +195,10 @@ class Importer:
     def distributed(self, d: dict) -> None:
         num_gpus = self.take(d, "num_gpus", None)
         if num_gpus is not None:
-            self.training["num_gpus"] = int(num_gpus)
+            num_gpus = self.training["num_gpus"] = self.number(num_gpus, "training.distributed.num_gpus", int)
         sp = self.take(d, "sp_size", None)
-        world = int(num_gpus or 1)
-        effective_sp = int(sp) if sp is not None else world  # FastVideo's default: sequence parallel over all GPUs
+        world = num_gpus or 1
+        effective_sp = self.number(sp, "training.distributed.sp_size", int) if sp is not None else world  # FastVideo's default: sequence parallel over all GPUs
         if effective_sp > 1:
             self.note("training.distributed.sp_size", sp if sp is not None else f"unset (= num_gpus {world})",
                       "sequence parallelism is not available here: every rank trains on its own samples (the "
@@ -186,7 +208,7 @@ class Importer:
         if reduce_dtype is not None:
             self.training["grad_reduce_dtype"] = str(reduce_dtype)
         tp = self.take(d, "tp_size", None)
-        if tp is not None and int(tp) != 1:
+        if tp is not None and self.number(tp, "training.distributed.tp_size", int) != 1:
             self.note("training.distributed.tp_size", tp, "tensor parallelism is not available here; remove it "
                       "(ZeRO-3 partitions parameters over all ranks instead)")
         for key in ("hsdp_replicate_dim", "hsdp_shard_dim", "reshard_after_forward", "fsdp_modules_per_group",
@@ -206,16 +228,18 @@ class Importer:
             if not unset:  # FastVideo writes 0 for a size it takes from the data
                 self.training[ours] = value
         if isinstance(self.training.get("data_path"), dict):
-            self.training["data_path"] = {str(k): int(v) for k, v in self.training["data_path"].items()}
+            self.training["data_path"] = {str(k): self.number(v, f"training.data.data_path.{k}", int)
+                                          for k, v in self.training["data_path"].items()}
         self.unmapped(d, "num_latent_t", "training.data", "nothing to do: latent frames follow from num_frames "
                       "and the VAE here")
         self.unmapped(d, "preprocessed_data_type", "training.data", "nothing to do: the loader reads the "
                       "parquet columns (latents + text, or text only) and the method says which it needs")
         cfg_rate = self.take(d, "training_cfg_rate", None)
         if cfg_rate is not None:
+            cfg_rate = self.number(cfg_rate, "training.data.training_cfg_rate")
             if method == "finetune":
-                self.method_config["training_cfg_rate"] = float(cfg_rate)
-            elif float(cfg_rate) != 0.0:
+                self.method_config["training_cfg_rate"] = cfg_rate
+            elif cfg_rate != 0.0:
                 self.note("training.data.training_cfg_rate", cfg_rate, "dmd2 has no condition dropout here; "
                           "remove it")
         self.rest(d, "training.data")
@@ -228,7 +252,7 @@ class Importer:
                 self.training[ours] = value
         betas = self.take(o, "betas", None)
         if betas is not None:
-            self.training["betas"] = _betas(betas)
+            self.training["betas"] = self.betas(betas, "training.optimizer.betas")
         sched = self.take(o, "lr_scheduler", None)
         if sched is not None:
             if sched in LR_SCHEDULERS:
@@ -267,7 +291,16 @@ class Importer:
         trackers = self.take(tr, "trackers", None)
         project = self.take(tr, "project_name", None)
         # FastVideo logs to wandb unless told otherwise (its project name defaults to `fastvideo`)
-        self.training["trackers"] = list(trackers) if trackers else ["wandb"]
+        trackers = [trackers] if isinstance(trackers, str) else trackers
+        if trackers is None and wandb_installed():
+            trackers = ["wandb"]
+        elif trackers is None:
+            trackers = ["tensorboard"]
+            self.note("training.tracker.trackers", "unset (FastVideo: wandb)", "wandb is not installed here, so "
+                      "the recipe logs to tensorboard; `pip install wandb` and set training.trackers: [wandb] for it")
+        elif not trackers:
+            trackers = ["none"]
+        self.training["trackers"] = list(trackers)
         self.training["tracker_project_name"] = str(project or "fastvideo")
         run_name = self.take(tr, "run_name", None)
         if run_name:
@@ -298,7 +331,7 @@ class Importer:
             value = self.take(m, key, None)
             if value is not None:
                 if method == "dmd2":
-                    self.method_config[key] = float(value)
+                    self.method_config[key] = self.number(value, f"training.model.{key}")
                 else:
                     self.note(f"training.model.{key}", value, "finetune samples the whole schedule; remove it")
         value = self.take(m, "enable_torch_compile", None)
@@ -332,7 +365,7 @@ class Importer:
             self.check_target(clip, "grad_clip")
             value = self.take(clip, "max_grad_norm", None)
             if value is not None:
-                self.training["max_grad_norm"] = float(value)
+                self.training["max_grad_norm"] = self.number(value, "callbacks.grad_clip.max_grad_norm")
             callbacks.pop("grad_clip")
             self.rest(clip, "callbacks.grad_clip")
         else:
@@ -419,10 +452,10 @@ class Importer:
                                  ("critic_weight_decay", "fake_score_weight_decay")):
                 value = self.take(method, theirs, None)
                 if value is not None:
-                    self.method_config[ours] = float(value)
+                    self.method_config[ours] = self.number(value, f"method.{theirs}")
             betas = self.take(method, "fake_score_betas", None)
             if betas is not None:
-                self.method_config["critic_betas"] = _betas(betas)
+                self.method_config["critic_betas"] = self.betas(betas, "method.fake_score_betas")
             sched = self.take(method, "fake_score_lr_scheduler", None)
             if sched is not None and sched != self.training.get("lr_scheduler", "constant"):
                 self.note("method.fake_score_lr_scheduler", sched, f"the critic follows training.lr_scheduler "
@@ -441,6 +474,9 @@ class Importer:
                 for key in list(cfg_uncond):
                     self.note(f"method.cfg_uncond.{key}", cfg_uncond.pop(key), "no counterpart (text-only models "
                               "here); remove it")
+            elif cfg_uncond is not None:
+                self.note("method.cfg_uncond", cfg_uncond, "expected a mapping ({text: negative_prompt | zero}); "
+                          "set training.uncond_embedding (negative_prompt or zeros) instead")
         for key in list(method):
             self.note(f"method.{key}", method.pop(key), f"no counterpart among {name}'s method_config knobs "
                       f"(README, method knobs); remove it or set the matching knob by hand")
@@ -456,7 +492,7 @@ class Importer:
             return
         value = self.take(pipe, "flow_shift", None)
         if value is not None:
-            self.pipeline["flow_shift"] = float(value)
+            self.pipeline["flow_shift"] = self.number(value, "pipeline.flow_shift")
         kind = self.take(pipe, "sampler_kind", None)
         if kind is not None:
             self.pipeline["sampler_kind"] = kind
@@ -475,12 +511,6 @@ class Importer:
             if raw.get(key) in ({}, None):
                 raw.pop(key, None)
         self.rest(raw, "(top level)")
-
-
-def _betas(value: Any) -> list[float]:
-    if isinstance(value, str):
-        return [float(p) for p in value.split(",") if p.strip()]
-    return [float(b) for b in value]
 
 
 def _show(value: Any) -> str:
@@ -543,7 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(notes)} key(s) of {src} have no counterpart here (also listed at the top of {out.name}):")
         for n in notes:
             print(f"  {n}")
-    print(f"next: python -m ds_distill.train --config {out} --dry-run")
+    gpus = recipe["training"].get("num_gpus", 1)
+    launch = f"deepspeed --num_gpus {gpus} --module ds_distill.train" if gpus > 1 else "python -m ds_distill.train"
+    print(f"next: {launch} --config {out} --dry-run")
     return 0
 
 

@@ -215,6 +215,8 @@ def digest(path: Path) -> str:
     ("unknown_model", "models.student._target_: fastvideo.train.models.ltx2.LTX2Model has no counterpart here"),
     ("schema_v2", "not FastVideo's fastvideo/train layout"),
     ("no_output_dir", "training.checkpoint.output_dir: required key is missing"),
+    ("word_for_number", "training.distributed.num_gpus: expected an integer, got 'eight'"),
+    ("three_betas", "training.optimizer.betas: expected two numbers (a list or \"b1,b2\"), got '0.9,0.99,0.5'"),
 ])
 def test_bad_imports_are_one_line(case, expected, tiny_wan, toy_data, tmp_path):
     fv = fastvideo_finetune(tiny_wan, toy_data, tmp_path / "run")
@@ -229,6 +231,10 @@ def test_bad_imports_are_one_line(case, expected, tiny_wan, toy_data, tmp_path):
         fv = {"recipe": {"family": "wan", "method": "finetune"}, "roles": {}}
     elif case == "no_output_dir":
         del fv["training"]["checkpoint"]["output_dir"]
+    elif case == "word_for_number":
+        fv["training"]["distributed"]["num_gpus"] = "eight"
+    elif case == "three_betas":
+        fv["training"]["optimizer"]["betas"] = "0.9,0.99,0.5"
     src = write(tmp_path / "fv.yaml", fv)
     before = digest(out) if out.exists() else None
     result = import_cli(src, out)
@@ -240,3 +246,12 @@ def test_bad_imports_are_one_line(case, expected, tiny_wan, toy_data, tmp_path):
     if case == "exists":  # --overwrite replaces it
         assert import_cli(src, out, "--overwrite").returncode == 0
         assert yaml.safe_load(out.read_text())["recipe"]["method"] == "finetune"
+
+
+def test_next_command_launches_as_many_ranks_as_num_gpus(tiny_wan, toy_data, tmp_path):
+    """The printed dry-run command must pass train's num_gpus check: a multi-GPU recipe is launched with DeepSpeed."""
+    fv = fastvideo_finetune(tiny_wan, toy_data, tmp_path / "run")
+    fv["training"]["distributed"]["num_gpus"] = 2
+    out = tmp_path / "out.yaml"
+    result, _ = imported(write(tmp_path / "fv.yaml", fv), out)
+    assert f"next: deepspeed --num_gpus 2 --module ds_distill.train --config {out} --dry-run" in result.stdout
