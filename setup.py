@@ -46,7 +46,7 @@ setup(
     package_data={"ds_distill": ["ops/csrc/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8", "pytest-timeout", "av>=12", "moviepy<2"], "wandb": ["wandb>=0.19,<0.31"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "av>=12", "moviepy<2"], "wandb": ["wandb>=0.19.10,<0.31"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["ds-distill=ds_distill.cli:main"]},

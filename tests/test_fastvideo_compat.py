@@ -375,8 +375,6 @@ def test_mixed_data_path_draws_in_proportion_to_rows_times_repeat(tiny_wan, toy_
         for loader in loaders:
             drawn.update(next(loader)["caption"])
     assert drawn == Counter({**{f"a{i}": 3 for i in range(5)}, **{f"b{i}": 1 for i in range(7)}})
-    per_source = Counter(c[0] for c in drawn.elements())
-    assert per_source["a"] / sum(per_source.values()) == pytest.approx(15 / 22, abs=0)
     # the next epoch is another order of the same multiset
     second: Counter = Counter()
     for _ in range(len(dataset) // 2):

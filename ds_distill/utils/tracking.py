@@ -84,8 +84,8 @@ class _TensorBoard:
 
 
 class _Wandb:
-    """One wandb run under output_dir/wandb (online, or offline with WANDB_MODE=offline); started on the first
-    write, so a dry run or a failed check leaves nothing behind."""
+    """One wandb run under output_dir/wandb (online, or offline with WANDB_MODE=offline); started by
+    `Tracker.start()` before the first step, after every check, so a dry run or a failed check leaves nothing."""
 
     def __init__(self, run_dir: Path, project: str, run_name: Optional[str], config: dict):
         self.run_dir, self.project, self.run_name, self.config = run_dir, project, run_name, config
