@@ -225,6 +225,8 @@ def test_lora_dmd2_bf16_trains_adapters_of_student_and_critic(tiny_wan, toy_data
     """bf16 DMD2, threshold 0, checkpointing on, EMA on: student and critic train adapters only (their bases and the
     teacher bit-equal to the file), the EMA covers the student's adapters, and the checkpoint exports with --lora
     (trained and EMA) and --merge."""
+    from safetensors.torch import load_file
+
     from ds_distill.trainer import Trainer
     from ds_distill.utils.module_state import lora_parameter_names
 
@@ -238,14 +240,22 @@ def test_lora_dmd2_bf16_trains_adapters_of_student_and_critic(tiny_wan, toy_data
     assert adapters["teacher"] == set() and len(adapters["critic"]) == 4 * (2 * 2 + 1) * 2
     ema = runtime.method.ema
     assert set(ema.names) == adapters["student"]
+    before = {n: {k: v for k, v in whole(roles[n].module).items() if k in adapters[n]} for n in ("student", "critic")}
     Trainer(runtime, dataset).train()
     for n, h in roles.items():
         assert_base_unchanged(h.module, tiny_wan, adapters[n])
+    for n, start in before.items():  # the adapters trained: every lora_B left its zero start
+        now = whole(roles[n].module)
+        moved = [k for k, v in start.items() if ".lora_B." in k and not torch.equal(now[k], v)]
+        assert moved == [k for k in start if ".lora_B." in k], n
     assert (out / "checkpoint-2" / "student" / "ema").is_dir()
+    files = {}
     for role, kw in (("student", {}), ("student", {"ema": True}), ("critic", {})):
         dst = tmp_path / f"{role}-{bool(kw)}"
         export.convert(out, dst, role=role, lora=True, log=quiet, **kw)
-        assert (dst / export.LORA_WEIGHTS_NAME).is_file()
+        files[role, bool(kw)] = load_file(str(dst / export.LORA_WEIGHTS_NAME))
+    trained, averaged = files["student", False], files["student", True]
+    assert trained.keys() == averaged.keys() and any(not torch.equal(trained[k], averaged[k]) for k in trained)
     export.convert(out, tmp_path / "merged", merge=True, base=tiny_wan, dtype="bf16", log=quiet)
     assert (tmp_path / "merged" / "model_index.json").is_file()
 
