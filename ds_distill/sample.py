@@ -326,14 +326,14 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
     # -- transformer and sampling -------------------------------------------------------------------
-    from diffusers import WanTransformer3DModel
+    from ds_distill.models.wan_common import expands_timesteps, load_plain_transformer
 
     with loading("transformer", transformer_dir(model_dir), "--model"):
-        transformer = WanTransformer3DModel.from_pretrained(str(transformer_dir(model_dir)), torch_dtype=dtype)
+        transformer = load_plain_transformer(model_dir, dtype)  # both experts of a Wan2.2 A14B directory
     if lora is not None:
         apply_lora(transformer, lora)
     transformer = transformer.to(device).eval()
-    denoiser = denoiser_from_module(transformer, dtype)
+    denoiser = denoiser_from_module(transformer, dtype, expand_timesteps=expands_timesteps(comps.model_index))
     results = []
     for i, p in enumerate(prompts):
         num_steps, raw_timesteps = resolve_schedule(args, p)

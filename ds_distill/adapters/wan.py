@@ -1,4 +1,5 @@
-"""Wan2.1 adapter: flow-matching primitives over WanTransformer3DModel roles."""
+"""Wan adapter: flow-matching primitives over WanTransformer3DModel roles (Wan2.1, Wan2.2 TI2V-5B, and Wan2.2 A14B's
+two experts as one `WanExperts` module, which routes each sample itself)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -7,7 +8,8 @@ import torch
 
 from ds_distill.adapters.base import TrainingBatch
 from ds_distill.models.components import ModelComponents
-from ds_distill.models.wan import latent_shape_for
+from ds_distill.errors import RecipeError
+from ds_distill.models.wan_common import WanExperts, expands_timesteps, latent_shape_for, timestep_input
 from ds_distill.ops import add_noise as fused_add_noise
 from ds_distill.ops import sde_step as fused_sde_step
 from ds_distill.ops import sigma_from_timestep
@@ -32,6 +34,7 @@ class WanAdapter:
         self.text_dim = comps.transformer_config.get("text_dim", 4096)
         self.sample_latent_shape = latent_shape_for(vae, training.num_frames, training.height, training.width)
         self.uncond_embedding = torch.zeros(self.text_len, self.text_dim)
+        self.expand_timesteps = expands_timesteps(comps.model_index)
 
     # -- data -----------------------------------------------------------------------------------
     def set_uncond_embedding(self, embedding: torch.Tensor) -> None:
@@ -92,7 +95,7 @@ class WanAdapter:
         """Velocity prediction of a role, in fp32."""
         out = role(
             hidden_states=x_t.to(self.device, self.dtype),
-            timestep=t.to(self.device, torch.float32),
+            timestep=timestep_input(t.to(self.device, torch.float32), x_t, self.expand_timesteps),
             encoder_hidden_states=cond.to(self.device, self.dtype),
             return_dict=False,
         )[0]
@@ -100,13 +103,21 @@ class WanAdapter:
 
     # -- feature taps (forward hooks on transformer blocks) -----------------------------------------
     @staticmethod
+    def _one_transformer(module: torch.nn.Module) -> None:
+        if isinstance(module, WanExperts):
+            raise RecipeError("method_config.gan_loss_weight_gen: DMD2's GAN term taps one transformer's blocks; a "
+                              "two-expert Wan2.2 role has two (set gan_loss_weight_gen: 0)")
+
+    @staticmethod
     def feature_dim(module: torch.nn.Module) -> int:
         """Width of a block's hidden states (heads x head dim)."""
+        WanAdapter._one_transformer(module)
         return int(module.config.num_attention_heads * module.config.attention_head_dim)
 
     @staticmethod
     def num_blocks(module: torch.nn.Module) -> int:
         """How many transformer blocks a feature tap may name."""
+        WanAdapter._one_transformer(module)
         return len(module.blocks)
 
     def predict_noise_and_features(self, role: RoleHandle, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
@@ -122,7 +133,8 @@ class WanAdapter:
         frozen = not any(p.requires_grad for p in module.blocks.parameters())
         call = module if frozen else role
         try:
-            v = call(hidden_states=x_t.to(self.device, self.dtype), timestep=t.to(self.device, torch.float32),
+            v = call(hidden_states=x_t.to(self.device, self.dtype),
+                     timestep=timestep_input(t.to(self.device, torch.float32), x_t, self.expand_timesteps),
                      encoder_hidden_states=cond.to(self.device, self.dtype), return_dict=False)[0]
         finally:
             for h in hooks:

@@ -1,15 +1,21 @@
-"""`ds-distill make-tiny-wan OUT`: a complete, tiny, randomly initialised Wan2.1 T2V directory, made offline.
+"""`ds-distill make-tiny-wan OUT`: a complete, tiny, randomly initialised Wan directory, made offline.
 
 The directory has the layout of `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` (transformer/, vae/, text_encoder/,
 tokenizer/, scheduler/, model_index.json), so `diffusers.WanPipeline.from_pretrained(OUT)` loads and runs it.
-Tests and the demo use it in place of the real weights, which nothing here may download.
+Tests and the demo use it in place of the real weights, which nothing here may download. `--variant` picks the
+model it mimics:
+
+- `wan2.1` (default): Wan2.1 T2V, a 4-channel latent (8x spatial, 4x temporal compression);
+- `wan2.2-5b`: Wan2.2 TI2V-5B, the 48-channel residual VAE with 16x spatial compression, `expand_timesteps`;
+- `wan2.2-a14b`: Wan2.2 T2V A14B, two transformers (`transformer` for high noise, `transformer_2` for low noise,
+  different weights) switched at `boundary_ratio` 0.875.
 
 An existing non-empty OUT is refused unless `--overwrite`, which replaces only a model folder (one with
 model_index.json): the new model is written beside it and swapped in when complete, so no old file survives.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -103,19 +109,48 @@ def check_config(cfg: TinyWanConfig) -> None:
                         "pairs)")
 
 
-def make_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | None = None, overwrite: bool = False) -> Path:
-    """Write a tiny Wan2.1 T2V pipeline directory and return its path (see the module docstring for OUT)."""
+VARIANTS = ("wan2.1", "wan2.2-5b", "wan2.2-a14b")
+TINY_BOUNDARY_RATIO = 0.875
+"""Wan2.2 T2V A14B's switch (model_index.json `boundary_ratio`)."""
+TINY_5B_CHANNELS = 48
+
+
+def make_tiny_wan(out_dir: str | Path, cfg: TinyWanConfig | None = None, overwrite: bool = False,
+                  variant: str = "wan2.1") -> Path:
+    """Write a tiny Wan pipeline directory of `variant` (see `VARIANTS`) and return its path (see the module
+    docstring for OUT). The 5B variant sets the latent channels to 48 whatever `cfg` says."""
     cfg = cfg or TinyWanConfig()
+    if variant not in VARIANTS:
+        raise UserError(f"--variant {variant}: must be one of {', '.join(VARIANTS)}")
+    if variant == "wan2.2-5b":
+        cfg = replace(cfg, latent_channels=TINY_5B_CHANNELS)
     check_config(cfg)
     out = check_output_dir(out_dir, "make-tiny-wan OUT", overwrite, swap=True, replaceable=is_model_dir,
                            what="a model folder (one with model_index.json)")
     with write_aside_then_swap(out) as new:
-        _write_pipeline(new, cfg)
+        _write_pipeline(new, cfg, variant)
     return out
 
 
-def _write_pipeline(out: Path, cfg: TinyWanConfig) -> None:
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+def build_tiny_vae(cfg: TinyWanConfig, variant: str):
+    """The tiny `AutoencoderKLWan`: Wan2.1's layout, or for `wan2.2-5b` the residual VAE that folds 2x2 pixels into
+    12 input channels (16x spatial compression in all). Non-trivial per-channel statistics, so latent normalisation
+    is exercised, not an identity."""
+    from diffusers import AutoencoderKLWan
+
+    c = cfg.latent_channels
+    stats = dict(latents_mean=[round(0.1 * (i - c / 2), 3) for i in range(c)],
+                 latents_std=[round(0.6 + 0.2 * (i % 8), 3) for i in range(c)])
+    if variant == "wan2.2-5b":
+        return AutoencoderKLWan(base_dim=cfg.vae_base_dim, z_dim=c, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                temperal_downsample=[False, True, True], is_residual=True, in_channels=12,
+                                out_channels=12, patch_size=2, scale_factor_spatial=16, **stats)
+    return AutoencoderKLWan(base_dim=cfg.vae_base_dim, z_dim=c, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], **stats)
+
+
+def _write_pipeline(out: Path, cfg: TinyWanConfig, variant: str = "wan2.1") -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
     from transformers import UMT5Config, UMT5EncoderModel
 
     torch.manual_seed(cfg.seed)
@@ -135,34 +170,32 @@ def _write_pipeline(out: Path, cfg: TinyWanConfig) -> None:
             decoder_start_token_id=0,
         )
     )
-    c = cfg.latent_channels
-    # Non-trivial per-channel statistics, so latent normalisation is exercised, not an identity.
-    vae = AutoencoderKLWan(
-        base_dim=cfg.vae_base_dim,
-        z_dim=c,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[round(0.1 * (i - c / 2), 3) for i in range(c)],
-        latents_std=[round(0.6 + 0.2 * i, 3) for i in range(c)],
-    )
+    vae = build_tiny_vae(cfg, variant)
+    extra = {}
+    if variant == "wan2.2-a14b":
+        extra = dict(transformer_2=build_tiny_transformer(cfg), boundary_ratio=TINY_BOUNDARY_RATIO)
+    elif variant == "wan2.2-5b":
+        extra = dict(expand_timesteps=True)
     pipe = WanPipeline(
         tokenizer=tokenizer,
         text_encoder=text_encoder.eval(),
         transformer=build_tiny_transformer(cfg),
         vae=vae.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.flow_shift),
+        **extra,
     )
     pipe.save_pretrained(out)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ds-distill make-tiny-wan OUT [--layers N] [--seed S] [--overwrite]."""
+    """CLI: ds-distill make-tiny-wan OUT [--variant V] [--layers N] [--seed S] [--overwrite]."""
     parser = ArgumentParser(prog="ds-distill make-tiny-wan", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output directory (refused when not empty, unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing model folder (the new one is swapped in when complete)")
+    parser.add_argument("--variant", choices=VARIANTS, default="wan2.1",
+                        help="the model it mimics: Wan2.1 T2V, Wan2.2 TI2V-5B or Wan2.2 T2V A14B (two experts)")
     parser.add_argument("--layers", type=int, default=TinyWanConfig.num_layers)
     parser.add_argument("--heads", type=int, default=TinyWanConfig.num_attention_heads)
     parser.add_argument("--head-dim", type=int, default=TinyWanConfig.attention_head_dim)
@@ -176,6 +209,6 @@ def main(argv: list[str] | None = None) -> int:
         ffn_dim=args.ffn_dim,
         seed=args.seed,
     )
-    out = make_tiny_wan(args.out, cfg, overwrite=args.overwrite)
-    print(f"tiny Wan2.1 T2V written to {out}")
+    out = make_tiny_wan(args.out, cfg, overwrite=args.overwrite, variant=args.variant)
+    print(f"tiny {args.variant} written to {out}")
     return 0

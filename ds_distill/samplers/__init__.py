@@ -81,13 +81,17 @@ def sample_latents(
     raise ValueError(f"unknown sampler kind {kind!r} (available: {', '.join(SAMPLER_KINDS)})")
 
 
-def denoiser_from_module(module: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> Denoiser:
-    """A denoiser over a plain diffusers transformer (no DeepSpeed): inputs cast to its dtype, v back in fp32."""
+def denoiser_from_module(module: torch.nn.Module, dtype: Optional[torch.dtype] = None,
+                         expand_timesteps: bool = False) -> Denoiser:
+    """A denoiser over a plain diffusers transformer (no DeepSpeed): inputs cast to its dtype, v back in fp32.
+    `expand_timesteps` (Wan2.2 TI2V-5B) hands it one timestep per token, as WanPipeline does."""
+    from ds_distill.models.wan_common import timestep_input
+
     dtype = dtype or next(module.parameters()).dtype
 
     def denoise(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        out = module(hidden_states=x.to(dtype), timestep=t.float(), encoder_hidden_states=cond.to(dtype),
-                     return_dict=False)[0]
+        out = module(hidden_states=x.to(dtype), timestep=timestep_input(t.float(), x, expand_timesteps),
+                     encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
         return out.float()
 
     return denoise

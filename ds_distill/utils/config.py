@@ -78,6 +78,9 @@ class RoleSpec:
     """Activation checkpointing of the transformer blocks; defaults to training.gradient_checkpointing."""
     lora: Optional[LoraSpec] = None
     """Train low-rank adapters instead of the full weights (trainable roles only)."""
+    experts: Optional[list[str]] = None
+    """A two-expert Wan2.2 model (A14B): the experts that train, `[high]` or `[low]` (the other stays frozen);
+    default: both. Trainable roles only."""
 
 
 @dataclass
@@ -496,6 +499,14 @@ def recipe_from_mapping(data: dict, source: str) -> Recipe:
     for name, role in recipe.roles.items():
         if role.family is None:
             role.family = recipe.recipe.family
+        if role.experts is not None:
+            bad = [e for e in role.experts if e not in ("high", "low")]
+            if bad or not role.experts or len(set(role.experts)) != len(role.experts):
+                raise RecipeError(f"{source}: roles.{name}.experts: expected [high], [low] or [high, low], got "
+                                  f"{role.experts}")
+            if not role.trainable:
+                raise RecipeError(f"{source}: roles.{name}.experts: only a trainable role trains experts; remove "
+                                  "the key (a frozen role runs both)")
     check_training(recipe.training, source)
     return recipe
 

@@ -21,7 +21,7 @@ import torch
 
 from ds_distill.errors import DataError, RecipeError
 from ds_distill.models.components import ModelComponents
-from ds_distill.models.wan import latent_shape_for
+from ds_distill.models.wan_common import PromptEncoderCache, latent_shape_for
 from ds_distill.samplers import initial_noise, sample_latents
 from ds_distill.validators.base import ValidationRequest
 from ds_distill.validators.prompts import ValidationPrompt, check_text_dim, load_prompts, pad_embedding, slugify
@@ -128,11 +128,7 @@ class WanValidator:
         self.text_len = int(t.text_len)
         self.flow_shift = float(recipe.pipeline_config.flow_shift)
         self.scheduler_config = dict(comps.scheduler_config)
-        if prompt_source is None:
-            from ds_distill.models.wan import WanFamily
-
-            prompt_source = WanFamily()
-        self.prompt_source = prompt_source
+        self.prompt_source = prompt_source if prompt_source is not None else PromptEncoderCache()
         if not (comps.path / "vae" / "config.json").is_file():
             raise RecipeError(f"{recipe.source}: training.log_validation: {comps.path} has no vae/ to decode "
                               "validation videos")

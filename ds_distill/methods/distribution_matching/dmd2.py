@@ -226,6 +226,17 @@ class DMD2Method(DistillMethod):
         self.student, self.teacher, self.critic = self.bundle["student"], self.bundle["teacher"], self.bundle["critic"]
         steps = torch.tensor(cfg.dmd_denoising_steps, dtype=torch.float32)
         self.step_timesteps = self.adapter.shift_timesteps(steps) if cfg.warp_denoising_step else steps
+        # A student training one expert of a two-expert model (roles.student.experts) exits only at its own steps
+        # and is scored only within its own timestep range.
+        self.expert_range = getattr(self.student.module, "trained_timesteps", None)
+        self.exit_steps = list(range(len(steps)))
+        if self.expert_range is not None:
+            lo, hi = self.expert_range
+            self.exit_steps = [i for i, t in enumerate(self.step_timesteps.tolist()) if lo <= t <= hi]
+            if not self.exit_steps:
+                raise RecipeError(f"method_config.dmd_denoising_steps: no step of {cfg.dmd_denoising_steps} "
+                                  f"(shifted: {[round(t, 1) for t in self.step_timesteps.tolist()]}) falls in the "
+                                  f"trained expert's range [{lo:g}, {hi:g}] (roles.student.experts)")
         self.ema = PartitionedEMA(self.student.module, cfg.ema_decay, self.strategy) if cfg.ema_decay > 0 else None
         self.gan = self.gan_on(cfg)
         self.gan_scalars: dict[str, float] = {}
@@ -234,13 +245,21 @@ class DMD2Method(DistillMethod):
     def score_timesteps(self, b: TrainingBatch, stream: str) -> torch.Tensor:
         """t' per sample: uniform raw in [0, 1000), shifted, clamped to [min, max] * 1000."""
         u = rng.per_sample_rand(b.sample_ids, self.seed, stream)
+        lo, hi = self.config.min_timestep_ratio * 1000.0, self.config.max_timestep_ratio * 1000.0
+        if self.expert_range is not None:
+            # The shifted distribution restricted to the trained expert's range: u uniform between the raw
+            # timesteps whose shifts are the range's ends (the shift is monotonic).
+            lo, hi = max(lo, self.expert_range[0]), min(hi, self.expert_range[1])
+            shift = float(self.adapter.flow_shift)
+            raw_lo, raw_hi = ((x / 1000.0) / (shift - (shift - 1.0) * x / 1000.0) for x in (lo, hi))
+            u = raw_lo + u * (raw_hi - raw_lo)
         t = self.adapter.shift_timesteps(u * 1000.0)
-        return t.clamp(self.config.min_timestep_ratio * 1000.0, self.config.max_timestep_ratio * 1000.0)
+        return t.clamp(lo, hi)
 
     def student_sample(self, b: TrainingBatch, step: int, with_grad: bool, stream: str) -> torch.Tensor:
         """x0 from the student's few-step schedule, stopping at a shared exit index k (graph only at step k)."""
         a, steps = self.adapter, self.step_timesteps
-        k = rng.shared_randint(len(steps), self.seed, stream, step)
+        k = self.exit_steps[rng.shared_randint(len(self.exit_steps), self.seed, stream, step)]
         ts = [steps[i].expand(b.batch_size) for i in range(len(steps))]
         dev = a.device
         if self.config.rollout_mode == "data":
