@@ -450,12 +450,19 @@ def run(recipe, checked, resume: str | None, overwrite: bool = False) -> Preflig
         check_template(load_template(spec.ds_config or default, src, tkey), tkey, src)
         load_template(spec.ds_config or default, src, tkey, trainable=spec.trainable)  # ZeRO stage 3 if trainable
     check_lora(recipe, components)
+    for name, spec in recipe.roles.items():  # a family with several experts per role checks roles.<name>.experts
+        check = getattr(get_family(spec.family, src)(), "check_experts", None)
+        if check is not None:
+            check(components[name], spec, src, f"roles.{name}")
     main_role = "student" if "student" in components else next(iter(components))
     get_family(recipe.recipe.family, src)().check_unconditional(components[main_role], t, src)
     generated = check_sizes(recipe, components[main_role], src) if generates_at_size(checked) else None
     need_latents = checked.method_cls.needs_latents(checked.method_config)
     dataset = ParquetDataset(t.data_path, t.text_len, need_latents)
     check_data_fits_model(dataset, components, recipe, need_latents, generated)
+    from ds_distill.parallel import check_recipe_layout
+
+    check_recipe_layout(recipe, components, generated, dataset if need_latents else None)
     if t.log_validation:
         from ds_distill.validators.prompts import load_prompts
 

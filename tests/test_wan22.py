@@ -306,3 +306,49 @@ def test_a14b_dmd2_two_ranks_bf16_both_experts(wan22, toy_data, tmp_path):
                         "--num-frames", "5", "--height", "32", "--width", "32", "--text-len", str(TEXT_LEN),
                         "--output-dir", str(tmp_path / "videos")]) == 0
     assert len(list((tmp_path / "videos").glob("*.mp4"))) == 1
+
+
+@pytest.mark.parametrize("name, experts, exits", [
+    ("wan2.2_ti2v_5B_dmd2_4steps", None, None),
+    ("wan2.2_t2v_A14B_dmd2_high", ["high"], [0, 1, 2]),
+    ("wan2.2_t2v_A14B_dmd2_low", ["low"], [3])])
+def test_shipped_wan22_recipes(name, experts, exits):
+    """The shipped Wan2.2 recipes check offline; the A14B stages train one expert each (student and critic), and
+    their warped steps put the exits as the comments say (shift 12: 1000, 973, 923 high; 800 low)."""
+    from conftest import REPO
+    from ds_distill.dispatch import check_recipe
+    from ds_distill.utils.config import load_recipe
+
+    checked = check_recipe(load_recipe(str(REPO / "recipes" / f"{name}.yaml")))
+    roles = checked.recipe.roles
+    assert roles["student"].experts == experts and roles["critic"].experts == experts
+    assert roles["teacher"].experts is None
+    cfg = checked.method_config
+    assert len(cfg.dmd_denoising_steps) == 4 and cfg.warp_denoising_step
+    if exits is not None:
+        shift = checked.recipe.pipeline_config.flow_shift
+        shifted = [1000 * shift * (t / 1000) / (1 + (shift - 1) * t / 1000) for t in cfg.dmd_denoising_steps]
+        high = [i for i, t in enumerate(shifted) if t >= 875.0]
+        assert (high if experts == ["high"] else [i for i in range(4) if i not in high]) == exits
+
+
+def test_bad_experts_are_one_line(wan22, tiny_wan, toy_data, tmp_path):
+    """`experts` on a frozen role, an unknown expert, or on a model with one transformer: one line, exit 2."""
+    from conftest import PYTHON
+
+    cases = []
+    r = a14b_recipe(wan22, toy_data, tmp_path / "o1", "dmd2", None)
+    r["roles"]["teacher"]["experts"] = ["high"]
+    cases.append((r, ["roles.teacher.experts:", "only a trainable role"]))
+    r = a14b_recipe(wan22, toy_data, tmp_path / "o2", "finetune", ["middle"])
+    cases.append((r, ["roles.student.experts:", "[high], [low]", "middle"]))
+    r = finetune_recipe(tiny_wan, toy_data, tmp_path / "o3")
+    r["roles"]["student"]["experts"] = ["high"]
+    cases.append((r, ["roles.student.experts:", "one transformer"]))
+    for i, (recipe, words) in enumerate(cases):
+        out = tmp_path / f"o{i + 1}"
+        res = run_cli([PYTHON, "-m", "ds_distill.train", "--config", str(write_recipe(tmp_path / f"r{i}.yaml", recipe))])
+        lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
+        assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+        assert all(w in lines[0] for w in words), lines[0]
+        assert not out.exists()

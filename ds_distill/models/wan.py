@@ -118,6 +118,13 @@ class WanFamily(PromptEncoderCache):
         """The validator that renders videos with this family's pipeline."""
         return WanValidator(comps, recipe, strategy, tracker, prompt_source=self)
 
+    @staticmethod
+    def check_experts(comps: ModelComponents, spec, source: str, key: str) -> None:
+        """Preflight: `roles.<name>.experts` names experts of a two-expert (Wan2.2 A14B) directory."""
+        if spec.experts is not None and boundary_timestep(comps.model_index) is None:
+            raise RecipeError(f"{source}: {key}.experts: {comps.path} has one transformer (its model_index.json has "
+                              "no transformer_2 and boundary_ratio); remove the key")
+
     def check_unconditional(self, comps: ModelComponents, training, source: str) -> None:
         """Preflight: the unconditional condition the recipe asks for can be made (no encoder is loaded)."""
         from ds_distill.errors import RecipeError
