@@ -460,9 +460,6 @@ def run(recipe, checked, resume: str | None, overwrite: bool = False) -> Preflig
     need_latents = checked.method_cls.needs_latents(checked.method_config)
     dataset = ParquetDataset(t.data_path, t.text_len, need_latents)
     check_data_fits_model(dataset, components, recipe, need_latents, generated)
-    from ds_distill.parallel import check_recipe_layout
-
-    check_recipe_layout(recipe, components, generated, dataset if need_latents else None)
     if t.log_validation:
         from ds_distill.validators.prompts import load_prompts
 
