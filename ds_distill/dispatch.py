@@ -115,6 +115,17 @@ def check_recipe(recipe) -> CheckedRecipe:
         raise RecipeError(f"{src}: training.betas: expected two numbers in [0, 1)")
     if t.log_validation and not t.validation_dataset_file:
         raise RecipeError(f"{src}: training.validation_dataset_file: required when log_validation is true")
+    if t.sp_size < 1:
+        raise RecipeError(f"{src}: training.sp_size: must be at least 1 (1: no sequence parallelism)")
+    if t.sp_size > 1:
+        for name, role in recipe.roles.items():
+            if not hasattr(get_family(role.family, src), "enable_sequence_parallel"):
+                raise RecipeError(f"{src}: training.sp_size: family {role.family!r} (roles.{name}) has no sequence "
+                                  f"parallelism; set training.sp_size: 1")
+        if getattr(method_cls, "gan_on", lambda _cfg: False)(method_config):
+            raise RecipeError(f"{src}: training.sp_size: the GAN term reads whole-sequence block features, which "
+                              f"sequence parallelism splits; set training.sp_size: 1 or "
+                              f"method_config.gan_loss_weight_gen: 0")
     method_cls.check_config(method_config, t, src)
     check_latents_in_data(recipe, method_cls, method_config)
     check_depth = getattr(method_cls, "check_role_depths", None)
@@ -175,6 +186,8 @@ class Runtime:
     adapter: Any
     method: Any
     ds_configs: dict
+    sp: Any = None
+    """The sequence-parallel layout (`ds_distill.parallel.SequenceParallel`) the roles were wired with."""
 
 
 def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
@@ -189,6 +202,7 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
     recipe, t = checked.recipe, checked.recipe.training
     src = recipe.source
     world = strategy.dist.world_size
+    sp = strategy.init_sequence_parallel(t.sp_size)
     handles, ds_configs = {}, {}
     comps = {name: get_family(spec.family, src)().components(spec.path, src, f"roles.{name}.path")
              for name, spec in recipe.roles.items()}
@@ -226,6 +240,8 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
         ds_configs[name] = cfg
         module = family.load_transformer(comps[name], strategy, cfg, trainable=spec.trainable, lora=spec.lora)
         apply_trainable(module, spec.trainable)
+        if sp.size > 1:  # before the engine: ZeRO-3's hooks then see the sliced and gathered tensors
+            family.enable_sequence_parallel(module, sp)
         if getattr(checked.method_cls, "zero3_leaf_modules_ok", lambda *_: True)(name, checked.method_config):
             strategy.mark_leaf_modules(module, family.zero3_leaf_modules)
         ckpt = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else t.gradient_checkpointing
@@ -252,4 +268,4 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
     adapter.set_uncond_embedding(main_family.unconditional_embedding(comps[main_role], t, strategy, src))
     method = checked.method_cls(bundle, adapter, strategy, checked.method_config, t, recipe.pipeline_config)
     return Runtime(recipe=recipe, strategy=strategy, family=main_family, components=comps, bundle=bundle,
-                   adapter=adapter, method=method, ds_configs=ds_configs)
+                   adapter=adapter, method=method, ds_configs=ds_configs, sp=sp)

@@ -252,7 +252,30 @@ class Strategy:
     """Owns every DeepSpeed call of a run: model construction scope, engines, backward/step, checkpoints."""
 
     def __init__(self, dist: DistInfo):
+        from ds_distill.parallel import SequenceParallel
+
         self.dist = dist
+        self.sp = SequenceParallel(size=1, rank=dist.rank, world_size=dist.world_size)
+        """Sequence-parallel layout (`init_sequence_parallel`); size 1: every rank is its own data-parallel rank."""
+
+    def init_sequence_parallel(self, sp_size: int):
+        """Collective: form groups of `sp_size` consecutive ranks (every rank creates every group, in order) and
+        keep this rank's. Returns the layout (`self.sp`)."""
+        from ds_distill.parallel import SequenceParallel
+
+        world = self.dist.world_size
+        if world % sp_size:
+            raise RecipeError(f"training.sp_size: {sp_size} does not divide the world size {world}")
+        group = None
+        if sp_size > 1:
+            import deepspeed.comm as ds_comm
+
+            for first in range(0, world, sp_size):
+                g = ds_comm.new_group(list(range(first, first + sp_size)))
+                if first <= self.dist.rank < first + sp_size:
+                    group = g
+        self.sp = SequenceParallel(size=sp_size, rank=self.dist.rank, world_size=world, group=group)
+        return self.sp
 
     # -- construction ---------------------------------------------------------------------------
     def zero_init(self, ds_config: dict):

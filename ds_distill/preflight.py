@@ -347,7 +347,7 @@ def check_data_fits_model(dataset, components: dict, recipe, need_latents: bool,
             raise DataError(f"{path}: row {local}: vae_latent_shape {shape}, but the method generates "
                             f"{list(generated)} (training.num_frames={t.num_frames}, height={t.height}, "
                             f"width={t.width}); set them to the size the data was encoded at")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1")) // max(1, recipe.training.sp_size)  # data-parallel groups
     global_batch = recipe.training.train_batch_size * world
     if len(dataset) < global_batch:
         raise DataError(f"{src}: the dataset has {len(dataset)} rows, fewer than one global batch "
@@ -460,6 +460,9 @@ def run(recipe, checked, resume: str | None, overwrite: bool = False) -> Preflig
     need_latents = checked.method_cls.needs_latents(checked.method_config)
     dataset = ParquetDataset(t.data_path, t.text_len, need_latents)
     check_data_fits_model(dataset, components, recipe, need_latents, generated)
+    from ds_distill.parallel import check_recipe_layout
+
+    check_recipe_layout(recipe, components, generated, dataset if need_latents else None)
     if t.log_validation:
         from ds_distill.validators.prompts import load_prompts
 

@@ -119,7 +119,9 @@ class Trainer:
         self.step = 0
         self.micro_step = 0
         self.nonfinite_streak = 0
-        self.global_micro_batch = self.t.train_batch_size * self.dist.world_size
+        self.sp = runtime.sp if runtime.sp is not None else runtime.strategy.sp
+        """Sequence-parallel layout: the ranks of one SP group share samples; data is sharded over its dp ranks."""
+        self.global_micro_batch = self.t.train_batch_size * self.sp.dp_size
         self.resumed_from: Path | None = None
         self.preemption = Preemption(self.t.preemption_grace_s)
         self.stopped_by: int | None = None
@@ -135,9 +137,14 @@ class Trainer:
             kind = "trainable, ZeRO-3 + optimizer" if role.trainable else "frozen, ZeRO-inference"
             lines.append(f"  {role.name:<8} {count_params(role.module) / 1e6:9.3f} M params  {kind}  "
                          f"<- {self.rt.recipe.roles[role.name].path}")
-        g = t.train_batch_size * t.gradient_accumulation_steps * d.world_size
-        lines.append(f"  batch: {t.train_batch_size} per rank x {t.gradient_accumulation_steps} accumulation x "
-                     f"{d.world_size} ranks = {g} samples per step; {t.max_train_steps} steps "
+        dp = self.sp.dp_size
+        g = t.train_batch_size * t.gradient_accumulation_steps * dp
+        if self.sp.size > 1:
+            lines.append(f"  sequence parallel: {self.sp.size} ranks per sample (DeepSpeed-Ulysses), {dp} "
+                         f"data-parallel group{'s' if dp > 1 else ''}")
+        lines.append(f"  batch: {t.train_batch_size} per {'rank' if self.sp.size == 1 else 'group'} x "
+                     f"{t.gradient_accumulation_steps} accumulation x {dp} "
+                     f"{'ranks' if self.sp.size == 1 else 'groups'} = {g} samples per step; {t.max_train_steps} steps "
                      f"= {g * t.max_train_steps} samples ({g * t.max_train_steps / len(self.dataset):.1f} epochs "
                      f"of {len(self.dataset)} rows)")
         lines.append(f"  output: {self.output_dir}")
@@ -199,7 +206,9 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------
     def validate(self) -> None:
         if self.validator is not None:
-            self.validator.run(self.method, self.step)
+            # Validation spreads prompts over ranks: each rank renders its own whole sequences.
+            with self.sp.paused():
+                self.validator.run(self.method, self.step)
 
     def train(self) -> dict:
         """Run to max_train_steps (or to the step where a SIGTERM/SIGINT arrived: then `stopped_by` is set and a
@@ -211,7 +220,7 @@ class Trainer:
             self.truncate_metrics(self.step)
             self.tracker.purge_step = self.step + 1 if self.step else None
             print(self.banner(), flush=True)
-        loader = TrainLoader(self.dataset, t.train_batch_size, d.rank, d.world_size, t.seed,
+        loader = TrainLoader(self.dataset, t.train_batch_size, self.sp.dp_rank, self.sp.dp_size, t.seed,
                              num_workers=t.dataloader_num_workers, start_micro_step=self.micro_step)
         self.preemption.deferred = True
         try:
@@ -244,7 +253,7 @@ class Trainer:
             bar = tqdm(total=t.max_train_steps, initial=self.step, desc="train", dynamic_ncols=True,
                        disable=os.environ.get("DS_DISTILL_NO_TQDM") == "1")
         last: dict = {}
-        samples_per_step = t.train_batch_size * t.gradient_accumulation_steps * d.world_size
+        samples_per_step = t.train_batch_size * t.gradient_accumulation_steps * self.sp.dp_size
         while self.step < t.max_train_steps:
             started = time.perf_counter()
             micro = [next(loader) for _ in range(t.gradient_accumulation_steps)]

@@ -103,6 +103,9 @@ class TrainingConfig:
     num_gpus: Optional[int] = None
     """Total ranks the recipe was written for (all nodes); when set, a launch with another world size stops with
     one line. Unset: any world size."""
+    sp_size: int = 1
+    """Sequence parallelism (DeepSpeed-Ulysses): groups of this many consecutive ranks split each sample's tokens
+    (same samples and noise inside a group); data parallelism runs over world / sp_size groups."""
     seed: int = 0
     """Seed for data order, noise, timesteps and control flow (same on every rank)."""
     mixed_precision: Literal["fp32", "bf16"] = "bf16"
