@@ -90,7 +90,8 @@ def check_recipe_layout(recipe, components: dict, generated: tuple | None, datas
     main = components["student" if "student" in components else next(iter(components))].transformer_config
     shape, where = generated, " (training.num_frames/height/width)"
     if shape is None and dataset is not None and "vae_latent" in dataset[0]:
-        shape, where = tuple(dataset[0]["vae_latent"].shape), f" (the data's latents {list(dataset[0]['vae_latent'].shape)})"
+        shape = tuple(dataset[0]["vae_latent"].shape)
+        where = f" (the data's latents {list(shape)})"
     tokens = None
     if shape is not None:
         patch = list(main.get("patch_size") or (1, 2, 2))[:3]

@@ -251,7 +251,9 @@ def _worker_ignores_stop_signals(worker_id: int) -> None:
 
 
 class TrainLoader:
-    """Iterates micro-batches for this rank from a micro-step on; attaches global sample ids."""
+    """Iterates micro-batches for this rank from a micro-step on; attaches global sample ids. `rank` and
+    `world_size` are data-parallel: with sequence parallelism, the SP group's index and the number of groups (the
+    ranks of one group get the same rows and sample ids)."""
 
     def __init__(self, dataset: ParquetDataset, micro_batch: int, rank: int, world_size: int, seed: int,
                  num_workers: int = 0, start_micro_step: int = 0):
