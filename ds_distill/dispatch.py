@@ -238,7 +238,8 @@ def build_runtime(checked: CheckedRecipe, strategy, build_engines: bool = True,
                 nvme_path=t.nvme_path,
             )
         ds_configs[name] = cfg
-        module = family.load_transformer(comps[name], strategy, cfg, trainable=spec.trainable, lora=spec.lora)
+        module = family.load_transformer(comps[name], strategy, cfg, trainable=spec.trainable, lora=spec.lora,
+                                         experts=spec.experts)
         apply_trainable(module, spec.trainable)
         if sp.size > 1:  # before the engine: ZeRO-3's hooks then see the sliced and gathered tensors
             family.enable_sequence_parallel(module, sp)
