@@ -198,12 +198,14 @@ class Importer:
             num_gpus = self.training["num_gpus"] = self.number(num_gpus, "training.distributed.num_gpus", int)
         sp = self.take(d, "sp_size", None)
         world = num_gpus or 1
-        effective_sp = self.number(sp, "training.distributed.sp_size", int) if sp is not None else world  # FastVideo's default: sequence parallel over all GPUs
-        if effective_sp > 1:
-            self.note("training.distributed.sp_size", sp if sp is not None else f"unset (= num_gpus {world})",
-                      "sequence parallelism is not available here: every rank trains on its own samples (the "
-                      "global batch grows by the same factor); lower training.train_batch_size or max_train_steps "
-                      "to keep the sample count")
+        if sp is not None:
+            sp = self.number(sp, "training.distributed.sp_size", int)
+            if sp > 1:
+                self.training["sp_size"] = sp
+        elif world > 1:  # FastVideo's default: each video split over all GPUs
+            self.note("training.distributed.sp_size", f"unset (= num_gpus {world})", "training.sp_size defaults to "
+                      f"1 here (every rank trains its own samples, so the global batch is {world}x FastVideo's); set "
+                      f"training.sp_size: {world} to split each video over all ranks as FastVideo does")
         reduce_dtype = self.take(d, "reduce_dtype", None)
         if reduce_dtype is not None:
             self.training["grad_reduce_dtype"] = str(reduce_dtype)

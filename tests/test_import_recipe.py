@@ -189,7 +189,7 @@ def test_dmd2_imports_and_dry_runs(tiny_wan, toy_data, tmp_path):
 
 def test_sequence_parallel_and_schedules_without_counterpart_are_listed(tiny_wan, toy_data, tmp_path):
     """FastVideo runs sequence parallel over all GPUs when sp_size is unset; that, a polynomial schedule and a
-    sparse attention kind are each one line saying what the imported recipe does instead."""
+    sparse attention kind are each one line saying what the imported recipe does instead; a given sp_size is kept."""
     from ds_distill.import_recipe import import_recipe
 
     fv = fastvideo_finetune(tiny_wan, toy_data, tmp_path / "run")
@@ -199,10 +199,14 @@ def test_sequence_parallel_and_schedules_without_counterpart_are_listed(tiny_wan
     recipe, notes = import_recipe(fv, "fv.yaml")
     by_key = {n.split(":", 1)[0]: n for n in notes}
     assert "unset (= num_gpus 8)" in by_key["training.distributed.sp_size"]
-    assert "sequence parallelism is not available" in by_key["training.distributed.sp_size"]
+    assert "set training.sp_size: 8 to split each video" in by_key["training.distributed.sp_size"]
+    assert "sp_size" not in recipe["training"]
     assert "the imported recipe uses constant" in by_key["training.optimizer.lr_scheduler"]
     assert "only dense attention" in by_key["method.attn_kind"]
     assert "lr_scheduler" not in recipe["training"] and "attn_kind" not in recipe["method_config"]
+    fv["training"]["distributed"] = {"num_gpus": 8, "sp_size": 4}  # given: carried over
+    recipe, notes = import_recipe(fv, "fv.yaml")
+    assert recipe["training"]["sp_size"] == 4 and not [n for n in notes if "sp_size" in n]
 
 
 def digest(path: Path) -> str:
