@@ -377,6 +377,24 @@ def checkpoint_shapes(role_dir: Path) -> dict | None:
     return out
 
 
+def check_gan_head(role_dir: Path, saved: dict, recipe) -> None:
+    """A critic checkpoint with DMD2's GAN head (gan_head.* parameters) resumes only into a run with the GAN term on,
+    and one without the head only into a run with it off (the head's optimizer state lives in the critic's engine)."""
+    from ds_distill.methods.distribution_matching.gan import GAN_HEAD
+
+    has_head = any(n.startswith(GAN_HEAD + ".") for n in saved)
+    weight = (recipe.method_config or {}).get("gan_loss_weight_gen") or 0
+    if recipe.recipe.method != "dmd2" or has_head == (weight > 0):
+        return
+    if has_head:
+        raise CheckpointError(f"{role_dir}: --resume: holds DMD2's GAN head, but the recipe has the GAN term off "
+                              f"(method_config.gan_loss_weight_gen {weight}); resume with the GAN settings of the run "
+                              f"that wrote it, or start a new run")
+    raise CheckpointError(f"{role_dir}: --resume: holds no GAN head, but the recipe turns the GAN term on "
+                          f"(method_config.gan_loss_weight_gen {weight}); set it to 0 as the run that wrote it did, "
+                          f"or start a new run")
+
+
 def check_resume(output_dir: Path, resume: str, recipe, components: dict) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume: complete, written by this method for these trainable roles, with parameters of
     the shapes the recipe's models have."""
@@ -402,6 +420,8 @@ def check_resume(output_dir: Path, resume: str, recipe, components: dict) -> tup
         saved = checkpoint_shapes(path / role)
         if saved is None:
             continue
+        if role == "critic":
+            check_gan_head(path / role, saved, recipe)
         lora = recipe.roles[role].lora
         expected = {n: list(s) for n, s in trained_shapes(components[role].transformer_config, lora).items()}
         if lora is None and any(".lora_" in n for n in saved):

@@ -301,19 +301,56 @@ def test_two_ranks_match_one_rank_with_gan(tiny_wan, toy_data, tmp_path):
     assert heads[0] and heads[0].keys() == heads[1].keys()
     for k in heads[0]:
         torch.testing.assert_close(heads[0][k], heads[1][k], rtol=1e-4, atol=1e-6, msg=k)
+    # the GAN run's checkpoint (critic with head) resumed into a GAN-off run: one line, exit 2, nothing written
+    assert_resume_refused(runs[1], tmp_path, {**GAN, "gan_loss_weight_gen": 0.0}, "holds DMD2's GAN head")
+
+
+def assert_resume_refused(out, tmp_path, method: dict, message: str) -> None:
+    """`--resume latest` of the run in `out` with the GAN setting `method` stops with one line naming the critic's
+    checkpoint, exit 2, and leaves the run folder as it was."""
+    before = sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*"))
+    recipe = load_recipe_dict(out / "recipe.yaml", method)
+    res = run_cli(train_cmd(write_recipe(tmp_path / "resume.yaml", recipe), "--resume", "latest"))
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = [x for x in res.stderr.splitlines() if message in x]
+    assert len(lines) == 1 and "/critic: --resume:" in lines[0] and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert sorted((p.relative_to(out), p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
+def load_recipe_dict(path, method: dict) -> dict:
+    """The recipe a run wrote into its folder, with 8 steps and `method` as its method_config."""
+    import yaml
+
+    recipe = yaml.safe_load(path.read_text())
+    recipe["training"]["max_train_steps"] = 8
+    recipe["method_config"] = {**recipe["method_config"], **method}
+    return recipe
+
+
+def test_plain_checkpoint_resumed_with_gan_on_is_refused(tiny_wan, toy_data, tmp_path):
+    """A DMD2 checkpoint without the head, resumed with the GAN term on: one line, exit 2, nothing written."""
+    out = tmp_path / "plain"
+    recipe = dmd2_recipe(tiny_wan, toy_data, out, None, max_train_steps=1, train_batch_size=2,
+                         data_path=str(toy_data / "latents"), dataloader_num_workers=0, checkpointing_steps=1,
+                         trackers=[])
+    res = run_cli(train_cmd(write_recipe(tmp_path / "plain.yaml", recipe)))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_resume_refused(out, tmp_path, GAN, "holds no GAN head")
 
 
 @pytest.mark.parametrize("name, steps, gan", [
     ("tiny_dmd2", 4, 0.0), ("tiny_dmd2_1step", 1, 0.0), ("tiny_dmd2_gan", 4, 0.05), ("tiny_dmd2_gan_1step", 1, 0.05),
     ("wan2.1_t2v_1.3B_dmd2_gan_4steps", 4, 0.03), ("wan2.1_t2v_1.3B_dmd2_8steps", 8, 0.0)])
 def test_shipped_dmd2_recipes(name, steps, gan):
-    """The shipped DMD2 recipes check, keep the whole score-timestep range, and read latents exactly when the GAN
-    term is on."""
+    """The shipped DMD2 recipes check, keep the whole score-timestep range, let the critic keep up with the student
+    (more steps or a faster lr), and read latents exactly when the GAN term is on."""
     from conftest import REPO
 
     checked = check_recipe(load_recipe(str(REPO / "recipes" / f"{name}.yaml")))
     cfg = checked.method_config
     assert len(cfg.dmd_denoising_steps) == steps and cfg.gan_loss_weight_gen == gan
-    assert (cfg.min_timestep_ratio, cfg.max_timestep_ratio) == (0.02, 0.98) and cfg.generator_update_interval > 1
+    assert (cfg.min_timestep_ratio, cfg.max_timestep_ratio) == (0.02, 0.98)
+    critic_lr = cfg.critic_learning_rate or checked.recipe.training.learning_rate
+    assert cfg.generator_update_interval > 1 or critic_lr > checked.recipe.training.learning_rate
     assert checked.method_cls.needs_latents(cfg) == (gan > 0)
     assert str(checked.recipe.training.data_path).endswith("latents" if gan else "text_only")
