@@ -603,6 +603,11 @@ def load_adapters(model, role: PartitionedRole, tensors: list[_Tensor], where: s
         odd = sorted(want ^ have)[0]
         raise CheckpointError(f"{where}: its adapters do not match those its lora_config.json gives this transformer "
                               f"(e.g. {odd!r})")
+    for t in tensors:
+        if tuple(model.get_parameter(t.name).shape) != tuple(t.shape):
+            raise CheckpointError(f"{where}: {t.name} is {list(t.shape)} in the checkpoint but "
+                                  f"{list(model.get_parameter(t.name).shape)} here: the base model is another size "
+                                  "than the one the run trained; pass that model as --base")
     state = {t.name: role.assemble(t, torch.float32) for t in tensors}
     unexpected = model.load_state_dict(state, strict=False, assign=assign).unexpected_keys
     if unexpected:

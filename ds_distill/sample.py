@@ -230,8 +230,8 @@ def lora_file(path: str) -> Path:
             keys = list(handle.keys())
     except Exception as exc:  # SafetensorError, OSError: a damaged, partial or foreign file
         raise UserError(f"--lora: {p} is not a readable safetensors file ({' '.join(str(exc).split())})") from None
-    if not keys or not all("lora" in k for k in keys):
-        raise UserError(f"--lora: {p} holds no LoRA weights (its tensor names lack `lora`)")
+    if not any("lora" in k for k in keys):  # Wan LoRAs may also carry `.diff` / `.diff_b` tensors
+        raise UserError(f"--lora: {p} holds no LoRA weights (no tensor name has `lora`)")
     return p
 
 
