@@ -144,6 +144,7 @@ def test_dmd2_sp2_equals_sp1(three_wans, toy_data, tmp_path):
         _assert_same_weights(_weights(outs[1] / "checkpoint-4", role), _weights(outs[2] / "checkpoint-4", role))
 
 
+@pytest.mark.slow  # ~1.6 min; the fp32 equalities above are the default suite's guard
 def test_bf16_dmd2_sp2_tracks_one_rank(bf16_dmd2_runs, three_wans, toy_data, tmp_path):
     """The production regime (bf16, threshold 0, checkpointing, EMA; conftest's BF16_DMD2) with sp 2 on 2 ranks
     follows the 1-rank run of the same global batch within bf16 rounding (here the SP and data-parallel reductions
