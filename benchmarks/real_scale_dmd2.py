@@ -44,7 +44,8 @@ def register_random_family():
 
     @register_family("wan_random")
     class RandomWan(WanFamily):
-        def load_transformer(self, comps, strategy, ds_config, use_zero_init=True, trainable=True, lora=None):
+        def load_transformer(self, comps, strategy, ds_config, use_zero_init=True, trainable=True, lora=None,
+                             experts=None):  # one transformer: preflight refuses roles.<name>.experts
             from diffusers import WanTransformer3DModel
 
             config = {k: v for k, v in comps.transformer_config.items() if not k.startswith("_")}
@@ -101,7 +102,7 @@ def recipe(root: Path, args) -> dict:
                      "mixed_precision": "fp32" if args.tiny else "bf16", "learning_rate": 2e-6,
                      "max_grad_norm": 1.0, "text_len": args.text_len, "num_frames": args.frames,
                      "height": args.height, "width": args.width, "gradient_checkpointing": True,
-                     "uncond_embedding": "zeros", "trackers": ["none"],
+                     "uncond_embedding": "zeros", "trackers": ["none"], "sp_size": args.sp_size,
                      "ds_config": str(root / "zero3_train.json"),
                      "ds_config_inference": str(root / "zero3_inference.json")},
         "pipeline_config": {"flow_shift": 3.0},
@@ -156,6 +157,9 @@ def main() -> int:
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--text-len", type=int)
+    p.add_argument("--sp-size", type=int, default=1,
+                   help="training.sp_size: ranks per sample (DeepSpeed-Ulysses); must divide the rank count, the "
+                        "heads (12 student/critic, 40 teacher) and the tokens")
     p.add_argument("--workdir", help="where the config folders go (default: a temporary folder)")
     args = p.parse_args()
     size = (5, 32, 32, 8) if args.tiny else (81, 480, 832, 512)
@@ -218,7 +222,7 @@ def main() -> int:
     for name, n in params.items():
         kind = "trainable" if rt.bundle[name].trainable else "frozen"
         say(f"role {name}: {n / 1e6:.2f}M params ({kind}), {states[name] / 1e6:.2f}M in this rank's partition")
-    loader = TrainLoader(ParquetDataset(t.data_path, t.text_len, False), 1, rank, dist.world_size, t.seed)
+    loader = TrainLoader(ParquetDataset(t.data_path, t.text_len, False), 1, rt.sp.dp_rank, rt.sp.dp_size, t.seed)
     shape = rt.adapter.sample_latent_shape
     say(f"latent {list(shape)} = {shape[1] * (shape[2] // 2) * (shape[3] // 2)} tokens, "
         f"{t.mixed_precision}, persistence threshold 0, gradient checkpointing on")

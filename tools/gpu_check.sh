@@ -4,7 +4,8 @@
 # pipeline on one GPU (NCCL, bf16 autocast off: the tiny recipes are fp32), then DMD2 at the users' scale:
 # Wan2.1-1.3B student and critic plus a 14B-shaped teacher (random weights, full layer counts) at 81x480x832,
 # bf16, 3 iterations (benchmarks/real_scale_dmd2.py: peak GPU memory per role, seconds per iteration), on one
-# GPU and, with >= 2 GPUs, on 2 ranks over NCCL.
+# GPU and, with >= 2 GPUs, on 2 ranks over NCCL and with sequence parallelism over all GPUs (training.sp_size = the
+# GPU count, or the largest of 4, 2 dividing it that also divides the 12 and 40 heads).
 # Usage: bash tools/gpu_check.sh [LOG_DIR]   (python3 must have ds_distill's requirements importable;
 #        FT_STEPS / DMD_STEPS shorten the two training runs)
 #        bash tools/gpu_check.sh --cpu-smoke  (the real-scale script at tiny size on the CPU; in the test suite)
@@ -83,8 +84,15 @@ gpus=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || 
 if [ "${gpus:-0}" -ge 2 ]; then
   stage real_scale_2gpu 900 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 \
     benchmarks/real_scale_dmd2.py --workdir "$WORK"
+  # sequence parallel over all GPUs where the heads (12 and 40) allow it, else over the largest group that does
+  sp=1
+  for s in "$gpus" 4 2; do
+    if [ $((gpus % s)) -eq 0 ] && [ $((12 % s)) -eq 0 ] && [ $((40 % s)) -eq 0 ]; then sp=$s; break; fi
+  done
+  stage real_scale_sp 900 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$gpus" \
+    benchmarks/real_scale_dmd2.py --workdir "$WORK" --sp-size "$sp"
 else
-  echo "=== real_scale_2gpu: skipped ($gpus GPU visible)"
+  echo "=== real_scale_2gpu, real_scale_sp: skipped ($gpus GPU visible)"
 fi
 
 echo "gpu_check: $([ $status -eq 0 ] && echo all stages passed || echo SOME STAGES FAILED), logs in $LOG"
