@@ -115,6 +115,34 @@ def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
             t.data.copy_(staged)
 
 
+
+def gather_along(x: torch.Tensor, group, size: int, dim: int = 1) -> torch.Tensor:
+    """Collective over `group` (`size` ranks, activations on the communication device): every rank's `x` (same
+    shape everywhere) concatenated along `dim` in rank order. Sequence parallelism's token gather."""
+    import deepspeed.comm as dist
+
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def sum_over(x: torch.Tensor, group) -> torch.Tensor:
+    """Collective over `group`: a new tensor holding the sum of every rank's `x` (x itself is left as it is)."""
+    import deepspeed.comm as dist
+
+    total = x.contiguous().clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
+def any_rank(flags: torch.Tensor) -> list[bool]:
+    """Collective over all ranks (a no-op alone): element-wise OR of every rank's boolean flags."""
+    need = flags.to(torch.int32)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        need = need.to(comm_device())
+        torch.distributed.all_reduce(need, op=torch.distributed.ReduceOp.MAX)
+    return [bool(v) for v in need.tolist()]
+
 # ----------------------------------------------------------------------------------------------
 # DeepSpeed config dicts (two builders: trainable roles and frozen roles)
 

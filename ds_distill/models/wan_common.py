@@ -296,14 +296,9 @@ class WanExperts(torch.nn.Module):
             getattr(self, name).enable_gradient_checkpointing()
 
     def _needed(self, is_high: torch.Tensor) -> list[bool]:
-        need = torch.stack([is_high.any(), (~is_high).any()]).to(torch.int32)
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            from deepspeed.accelerator import get_accelerator
+        from ds_distill.engines import any_rank
 
-            need = need.to(get_accelerator().current_device_name())
-            dist.all_reduce(need, op=dist.ReduceOp.MAX)
-        return [bool(v) for v in need.tolist()]
+        return any_rank(torch.stack([is_high.any(), (~is_high).any()]))
 
     def forward(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 return_dict: bool = False, **kwargs):

@@ -25,20 +25,17 @@ class _GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, sp: SequenceParallel) -> torch.Tensor:
-        import deepspeed.comm as dist
+        from ds_distill.engines import gather_along
 
         ctx.sp = sp
         ctx.local = x.shape[1]
-        parts = [torch.empty_like(x) for _ in range(sp.size)]
-        dist.all_gather(parts, x.contiguous(), group=sp.group)
-        return torch.cat(parts, dim=1)
+        return gather_along(x, sp.group, sp.size, dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        import deepspeed.comm as dist
+        from ds_distill.engines import sum_over
 
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, group=ctx.sp.group)
+        total = sum_over(grad, ctx.sp.group)
         lo = ctx.sp.sp_rank * ctx.local
         return total[:, lo: lo + ctx.local], None
 
