@@ -20,7 +20,7 @@ from ds_distill.errors import UserError, exit_on_user_error
 COMMANDS = {
     "demo": ("ds_distill.demo", "the whole pipeline on the embedded tiny Wan + toy data (CPU, minutes)"),
     "train": ("ds_distill.train", "train from a recipe (same as python -m ds_distill.train)"),
-    "make-tiny-wan": ("ds_distill.models.tiny", "write a tiny random Wan2.1 / Wan2.2 5B / A14B directory (offline)"),
+    "make-tiny-wan": ("ds_distill.models.tiny", "write a tiny random Wan directory (offline; --variant picks which)"),
     "make-toy-data": ("ds_distill.utils.toy_data", "write a toy parquet dataset with a known distribution"),
     "sample": ("ds_distill.sample", "generate mp4 videos from a Wan directory (ODE or SDE sampler)"),
     "eval-toy": ("ds_distill.evaluate", "score samples against the toy dataset's known distribution"),

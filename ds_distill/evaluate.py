@@ -30,15 +30,15 @@ class EvalSpec:
 
 
 def load_transformer(path: str | Path, base: str | Path | None = None, ema: bool = False):
-    """A plain fp32 WanTransformer3DModel from a Diffusers dir (both experts of a Wan2.2 A14B one), or from a ZeRO-3
-    checkpoint role folder."""
+    """A plain fp32 denoiser: the family's from a Diffusers dir (whatever parts it has), or a WanTransformer3DModel
+    from a transformer folder or a ZeRO-3 checkpoint role folder."""
     from diffusers import WanTransformer3DModel
 
-    from ds_distill.models.wan_common import load_plain_transformer
+    from ds_distill.models.wan import WanFamily
 
     p = Path(path)
     if (p / "transformer" / "config.json").is_file():
-        return load_plain_transformer(p, torch.float32).float().eval()
+        return WanFamily.load_plain_module(p, torch.float32).float().eval()
     if (p / "config.json").is_file() and any(p.glob("*.safetensors*")):
         return WanTransformer3DModel.from_pretrained(p).float().eval()
     if any(p.glob("*_model_states.pt")):

@@ -17,10 +17,10 @@ loads onto the base model. `--merge` writes full weights with the adapters folde
 base transformer, read from --base or the role's path in recipe.yaml), laid out as a plain export; it holds the
 whole base model in fp32 in memory while it merges.
 
-A two-expert Wan2.2 A14B role (its parameters named `high.*` and `low.*`) is written as `transformer/` (high noise)
-and `transformer_2/` (low noise), each with its config from the base; an expert the run kept frozen
-(`roles.<name>.experts`) is not in the checkpoint and is copied from the base model (--base, else the role's path).
-With --base, OUT also gets the base's model_index.json (with its `boundary_ratio`), so WanPipeline switches as before.
+A role whose module holds several transformers (a family's experts) is written where its family says
+(`export_components`: a pipeline folder per name prefix), each folder with its config from the base; a part the run
+kept frozen (`roles.<name>.experts`) is not in the checkpoint and is copied from the base model (--base, else the
+role's path). With --base, OUT also gets the base's model_index.json, so the pipeline loads the parts as before.
 
 OUT is written aside and renamed into place whole. A non-empty OUT is refused unless `--overwrite`, which replaces
 only an earlier export (its shards carry the `ds_distill_export` metadata mark), and only once the new one is
@@ -63,8 +63,6 @@ LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 """The file name diffusers' save_lora_weights / load_lora_weights use by default."""
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 EMA_DIR = "ema"
-EXPERT_FOLDERS = {"high": "transformer", "low": "transformer_2"}
-"""Where a two-expert role's experts go (WanPipeline's names; the same map as models.wan_common, kept torch-free)."""
 MARK = "ds_distill_export"
 """Metadata key of every shard we write: the checkpoint it came from. `--overwrite` replaces only such folders."""
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -538,11 +536,12 @@ def write_transformer(role, tensors: list[_Tensor], out: Path, dtype: torch.dtyp
     return len(shards), total
 
 
-def copy_base(base: Path, out: Path, link: bool) -> list[str]:
-    """The base pipeline's components except its transformer (copied, or symlinked with link=True)."""
+def copy_base(base: Path, out: Path, link: bool, skip: tuple[str, ...] = ("transformer",)) -> list[str]:
+    """The base pipeline's components except the folders of its transformer(s), `skip` (copied, or symlinked with
+    link=True)."""
     names = []
     for entry in sorted(Path(base).iterdir()):
-        if entry.name in ("transformer", "transformer_2") or entry.name.startswith("."):
+        if entry.name in skip or entry.name.startswith("."):
             continue
         target = out / entry.name
         if link:
@@ -660,8 +659,8 @@ def is_export(folder: Path) -> bool:
         return True
     if not (Path(folder) / "transformer" / "config.json").is_file():
         return False
-    # A two-expert export whose high expert stayed frozen has the base's transformer/ and our transformer_2/.
-    return any(_marked(Path(folder) / sub) for sub in EXPERT_FOLDERS.values())
+    # A role of several transformers whose first stayed frozen has the base's transformer/ beside folders we wrote.
+    return any(_marked(sub) for sub in sorted(Path(folder).iterdir()) if sub.is_dir())
 
 
 def _marked(folder: Path) -> bool:
@@ -681,16 +680,29 @@ def _marked(folder: Path) -> bool:
     return True
 
 
-def split_experts(tensors: list[_Tensor]) -> dict[str, list[_Tensor]] | None:
-    """A two-expert role's tensors by expert (`high.x` -> `x` under `high`), or None for one transformer."""
-    prefixes = {t.name.split(".", 1)[0] for t in tensors}
-    if not prefixes or not prefixes <= set(EXPERT_FOLDERS):
-        return None
-    out: dict[str, list[_Tensor]] = {}
-    for t in tensors:
-        expert, name = t.name.split(".", 1)
-        out.setdefault(expert, []).append(_Tensor(name, t.shape, t.pieces))
-    return out
+def role_family(rc: RoleCheckpoint):
+    """The role's model family, as its run's recipe.yaml beside the checkpoint names it (without one: `wan`, the
+    built-in family), which says where the role's tensors go (`export_components`)."""
+    from ds_distill.dispatch import get_family
+
+    recipe = rc.checkpoint.parent / "recipe.yaml"
+    name = None
+    if recipe.is_file():
+        import yaml
+
+        try:
+            data = yaml.safe_load(recipe.read_text()) or {}
+            name = (data.get("roles") or {}).get(rc.role, {}).get("family") or data["recipe"]["family"]
+        except (yaml.YAMLError, KeyError, TypeError, AttributeError):
+            name = None
+    return get_family(str(name or "wan"), str(recipe), "recipe.family")()
+
+
+def split_components(tensors: list[_Tensor], layout: dict[str, str]) -> dict[str, list[_Tensor]]:
+    """A role's tensors by pipeline folder: under `folder`, those named `prefix + name`, as `name` (`layout`:
+    {folder: prefix}, the family's `export_components`). A folder with none is a part the run kept frozen."""
+    return {folder: [_Tensor(t.name[len(prefix):], t.shape, t.pieces) for t in tensors if t.name.startswith(prefix)]
+            for folder, prefix in layout.items()}
 
 
 # -- the command ------------------------------------------------------------------------------------------------
@@ -758,25 +770,27 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
             role_w = _InMemory(adapters.state_dict())
             tensors = role_w.tensors()
             adapters = None
-    experts = split_experts(tensors) if lora_cfg is None else None
-    expert_configs: dict[str, Path] = {}
-    if experts is not None:
+    family = role_family(rc)
+    layout = family.export_components([t.name for t in tensors]) if lora_cfg is None else None
+    parts = split_components(tensors, layout) if layout is not None else None
+    part_configs: dict[str, Path] = {}
+    if parts is not None:
         pipeline = config_file.parent.parent
-        for expert, folder in EXPERT_FOLDERS.items():
-            expert_configs[expert] = pipeline / folder / "config.json"
-            if not expert_configs[expert].is_file() or (expert not in experts
-                                                        and not list((pipeline / folder).glob("*.safetensors"))):
-                what = "a config.json" if expert in experts else "a config.json and weights"
-                raise UserError(f"{pipeline}: has no {folder}/ with {what}; {rc.role_dir} holds a two-expert "
-                                "Wan2.2 role: pass --base, the Wan2.2 pipeline the run started from")
-        for expert, group in experts.items():
-            want = expected_state(json.loads(expert_configs[expert].read_text()))
+        for folder, group in parts.items():
+            part_configs[folder] = pipeline / folder / "config.json"
+            if not part_configs[folder].is_file() or (not group
+                                                      and not list((pipeline / folder).glob("*.safetensors"))):
+                what = "a config.json" if group else "a config.json and weights"
+                raise UserError(f"{pipeline}: has no {folder}/ with {what}; {rc.role_dir} holds a role of "
+                                f"{len(parts)} transformers: pass --base, the pipeline the run started from")
+        for folder, group in parts.items():
+            want = expected_state(json.loads(part_configs[folder].read_text())) if group else None
             if want is not None:
-                check_against_config(group, want, f"{where} ({expert} expert)", expert_configs[expert])
+                check_against_config(group, want, f"{where} ({folder}/)", part_configs[folder])
                 order = {k: i for i, k in enumerate(want)}
-                experts[expert] = sorted(group, key=lambda t: order[t.name])
-    expected = None if lora or experts is not None else expected_state(config)
-    if expected is None and not lora and experts is None:
+                parts[folder] = sorted(group, key=lambda t: order[t.name])
+    expected = None if lora or parts is not None else expected_state(config)
+    if expected is None and not lora and parts is None:
         log(f"note: diffusers cannot build {config.get('_class_name')!r} from {config_file}; names and shapes are "
             "written unchecked")
     elif expected is not None:
@@ -798,25 +812,25 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
             tmp.mkdir(parents=True)
             shards, nbytes = write_lora(adapters, tmp, getattr(torch, DTYPES[dtype]), source)
             components = []
-        elif experts is not None:
+        elif parts is not None:
             tmp.mkdir(parents=True)
             shards = nbytes = 0
-            for expert, folder in EXPERT_FOLDERS.items():
-                if expert not in experts:  # kept frozen by the run: the base's, as it is
-                    shutil.copytree(expert_configs[expert].parent, tmp / folder)
+            for folder, group in parts.items():
+                if not group:  # kept frozen by the run: the base's, as it is
+                    shutil.copytree(part_configs[folder].parent, tmp / folder)
                     continue
                 (tmp / folder).mkdir()
-                shutil.copyfile(expert_configs[expert], tmp / folder / "config.json")
-                n, b = write_transformer(role_w, experts[expert], tmp / folder, getattr(torch, DTYPES[dtype]),
+                shutil.copyfile(part_configs[folder], tmp / folder / "config.json")
+                n, b = write_transformer(role_w, group, tmp / folder, getattr(torch, DTYPES[dtype]),
                                          max_bytes, log, source=source)
                 shards, nbytes = shards + n, nbytes + b
-            components = copy_base(Path(base), tmp, link_base) if base is not None else []
+            components = copy_base(Path(base), tmp, link_base, family.transformer_folders) if base is not None else []
         else:
             (tmp / "transformer").mkdir(parents=True)
             shutil.copyfile(config_file, tmp / "transformer" / "config.json")
             shards, nbytes = write_transformer(role_w, tensors, tmp / "transformer", getattr(torch, DTYPES[dtype]),
                                                max_bytes, log, source=source)
-            components = copy_base(Path(base), tmp, link_base) if base is not None else []
+            components = copy_base(Path(base), tmp, link_base, family.transformer_folders) if base is not None else []
         ckpt.fsync_tree(tmp)  # on disk before it takes OUT's name
         if out.exists() or out.is_symlink():
             old = out.with_name(f"{out.name}.old-{os.getpid()}")
@@ -848,8 +862,8 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
             f"tensors (rank {lora_cfg['r']}, alpha {lora_cfg.get('lora_alpha')}), {dtype}, {_human(nbytes)}; load it "
             f"with WanPipeline.load_lora_weights or ds-distill sample --lora")
         return result
-    written = "transformer" if experts is None else " and ".join(
-        f"{EXPERT_FOLDERS[e]} ({'trained' if e in experts else 'frozen, from the base'})" for e in EXPERT_FOLDERS)
+    written = "transformer" if parts is None else " and ".join(
+        f"{folder} ({'trained' if group else 'frozen, from the base'})" for folder, group in parts.items())
     log(f"wrote {out}/{written}: {result.num_params:,} values in {result.num_tensors} tensors, {dtype}, "
         f"{shards} file{'s' if shards > 1 else ''}, {_human(nbytes)}"
         + (f"; pipeline components from {base}: {', '.join(components)}" if components else ""))

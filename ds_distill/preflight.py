@@ -76,12 +76,15 @@ def check_output_dir(path: Path, source: str, need_bytes: int, resume: str | Non
 
 def checkpoint_bytes(components: dict, recipe, ema: bool) -> int:
     """A checkpoint's size: per trainable role fp32 master + two Adam moments + module weights (+ EMA) of the
-    trained parameters (a LoRA role: its adapters)."""
+    trained parameters (a LoRA role: its adapters) of every part the family says the role trains."""
+    from ds_distill.dispatch import get_family
+
     total = 0
     for name, spec in recipe.roles.items():
         if not spec.trainable:
             continue
-        numel = sum(s.numel() for s in trained_shapes(components[name].transformer_config, spec.lora).values())
+        parts = get_family(spec.family, recipe.source)().trained_parts(components[name], spec)
+        numel = sum(s.numel() for config in parts.values() for s in trained_shapes(config, spec.lora).values())
         per = 4 * 3 + (2 if recipe.training.mixed_precision == "bf16" else 4) + (4 if ema and name == "student" else 0)
         total += numel * per
     return int(total * 1.1)
@@ -470,9 +473,11 @@ def run(recipe, checked, resume: str | None, overwrite: bool = False) -> Preflig
         check_template(load_template(spec.ds_config or default, src, tkey), tkey, src)
         load_template(spec.ds_config or default, src, tkey, trainable=spec.trainable)  # ZeRO stage 3 if trainable
     check_lora(recipe, components)
-    for name, spec in recipe.roles.items():  # a family with several experts per role checks roles.<name>.experts
-        check = getattr(get_family(spec.family, src)(), "check_experts", None)
-        if check is not None:
+    for name, spec in recipe.roles.items():  # which experts a role may name is its family's to say
+        if spec.experts is not None:
+            check = getattr(get_family(spec.family, src)(), "check_experts", None)
+            if check is None:
+                raise RecipeError(f"{src}: roles.{name}.experts: family {spec.family!r} has no experts; remove the key")
             check(components[name], spec, src, f"roles.{name}")
     main_role = "student" if "student" in components else next(iter(components))
     get_family(recipe.recipe.family, src)().check_unconditional(components[main_role], t, src)

@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from ds_distill.models.components import resolve_model_dir, transformer_dir
-    from ds_distill.models.wan import PromptEncoder, latent_shape_for, text_encoder_dtype
+    from ds_distill.models.wan import WanFamily
+    from ds_distill.models.wan_common import PromptEncoder, latent_shape_for, text_encoder_dtype
     from ds_distill.samplers import check_raw_timesteps, denoiser_from_module, initial_noise, sample_latents
     from ds_distill.validators.prompts import check_text_dim, pad_embedding
     from ds_distill.validators.wan import WanDecoder, check_video_sizes, frames_to_uint8, write_mp4
@@ -326,14 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
     # -- transformer and sampling -------------------------------------------------------------------
-    from ds_distill.models.wan_common import expands_timesteps, load_plain_transformer
-
     with loading("transformer", transformer_dir(model_dir), "--model"):
-        transformer = load_plain_transformer(model_dir, dtype)  # both experts of a Wan2.2 A14B directory
+        transformer = WanFamily.load_plain_module(model_dir, dtype)  # the family's denoiser, whatever its parts
     if lora is not None:
         apply_lora(transformer, lora)
     transformer = transformer.to(device).eval()
-    denoiser = denoiser_from_module(transformer, dtype, expand_timesteps=expands_timesteps(comps.model_index))
+    denoiser = denoiser_from_module(transformer, dtype, timestep_fn=WanFamily.timestep_fn(comps.model_index))
     results = []
     for i, p in enumerate(prompts):
         num_steps, raw_timesteps = resolve_schedule(args, p)

@@ -54,7 +54,6 @@ def test_ode_matches_wan_pipeline(wan22, dist_env, variant):
     from ds_distill.engines import Strategy, eval_ds_config, load_template
     from ds_distill.models.components import read_components
     from ds_distill.models.wan import PromptEncoder, WanFamily
-    from ds_distill.models.wan_common import expands_timesteps, load_plain_transformer
     from ds_distill.roles import RoleHandle
     from ds_distill.samplers import denoiser_from_module, initial_noise, sample_latents
     from ds_distill.utils.config import recipe_from_mapping
@@ -70,8 +69,8 @@ def test_ode_matches_wan_pipeline(wan22, dist_env, variant):
     ref = pipe(**call, generator=torch.Generator().manual_seed(7), output_type="latent").frames
     cond, uncond = (pad_embedding(e, TEXT_LEN)[None] for e in PromptEncoder(model)([PROMPT, NEGATIVE], TEXT_LEN))
     comps = read_components(model)
-    expand = expands_timesteps(comps.model_index)
-    assert expand == (variant == "wan2.2-5b")
+    timestep_fn = WanFamily.timestep_fn(comps.model_index)
+    assert (timestep_fn is not None) == (variant == "wan2.2-5b")
     shape = (1, 48, 2, 2, 2) if variant == "wan2.2-5b" else (1, 4, 2, 4, 4)
 
     def ours(denoiser):
@@ -80,9 +79,9 @@ def test_ode_matches_wan_pipeline(wan22, dist_env, variant):
                               guidance_scale=guidance, flow_shift=FLOW_SHIFT, generator=gen, num_steps=steps,
                               scheduler_config=dict(pipe.scheduler.config))
 
-    plain = load_plain_transformer(model, torch.float32)
+    plain = WanFamily.load_plain_module(model, torch.float32)
     seen = _expert_calls(plain) if variant == "wan2.2-a14b" else None
-    out = ours(denoiser_from_module(plain, torch.float32, expand_timesteps=expand))
+    out = ours(denoiser_from_module(plain, torch.float32, timestep_fn=timestep_fn))
     assert out.shape == ref.shape == shape
     torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
     if seen is not None:  # both experts ran, each on its side of boundary_ratio * 1000 (cond + uncond per step)
@@ -329,6 +328,29 @@ def test_shipped_wan22_recipes(name, experts, exits):
         shifted = [1000 * shift * (t / 1000) / (1 + (shift - 1) * t / 1000) for t in cfg.dmd_denoising_steps]
         high = [i for i, t in enumerate(shifted) if t >= 875.0]
         assert (high if experts == ["high"] else [i for i in range(4) if i not in high]) == exits
+
+
+def test_preflight_checkpoint_size_counts_every_trained_expert(wan22, toy_data, tmp_path):
+    """Preflight's checkpoint size estimate (the free-space check) counts every expert the role trains, as the
+    family reports them: both experts of the A14B by default, one with `experts: [low]`."""
+    from ds_distill import preflight
+    from ds_distill.models.wan import WanFamily
+    from ds_distill.utils.config import recipe_from_mapping
+
+    model = wan22["wan2.2-a14b"]["student"]
+    numel = {e: preflight.transformer_numel(json.loads((model / folder / "config.json").read_text()))
+             for e, folder in (("high", "transformer"), ("low", "transformer_2"))}
+
+    def estimate(experts):
+        recipe = recipe_from_mapping(a14b_recipe(wan22, toy_data, tmp_path / "o", "finetune", experts), "r.yaml")
+        comps = {"student": WanFamily().components(str(model), "r.yaml", "roles.student.path")}
+        per = 4 * 3 + (2 if recipe.training.mixed_precision == "bf16" else 4)  # fp32 master, Adam moments, weights
+        return preflight.checkpoint_bytes(comps, recipe, ema=False), per
+
+    got, per = estimate(["low"])
+    assert got == int(numel["low"] * per * 1.1)
+    got, per = estimate(None)
+    assert got == int((numel["high"] + numel["low"]) * per * 1.1) and numel["high"] > 0
 
 
 def test_bad_experts_are_one_line(wan22, tiny_wan, toy_data, tmp_path):

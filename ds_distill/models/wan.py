@@ -33,8 +33,10 @@ from ds_distill.models.wan_common import (  # noqa: F401  (re-exported)
     fp32_parameter_names,
     keep_diffusers_fp32,
     latent_shape_for,
+    load_plain_transformer,
     lora_config,
     text_encoder_dtype,
+    timestep_fn,
 )
 from ds_distill.validators.wan import WanValidator
 
@@ -121,9 +123,46 @@ class WanFamily(PromptEncoderCache):
     @staticmethod
     def check_experts(comps: ModelComponents, spec, source: str, key: str) -> None:
         """Preflight: `roles.<name>.experts` names experts of a two-expert (Wan2.2 A14B) directory."""
-        if spec.experts is not None and boundary_timestep(comps.model_index) is None:
+        if spec.experts is None:
+            return
+        if not spec.experts or len(set(spec.experts)) != len(spec.experts) or set(spec.experts) - set(EXPERTS):
+            raise RecipeError(f"{source}: {key}.experts: expected [high], [low] or [high, low], got {spec.experts}")
+        if boundary_timestep(comps.model_index) is None:
             raise RecipeError(f"{source}: {key}.experts: {comps.path} has one transformer (its model_index.json has "
                               "no transformer_2 and boundary_ratio); remove the key")
+
+    # -- what the generic layers ask the family (export, sample, eval-toy, preflight) --------------------------
+    transformer_folders = tuple(EXPERT_FOLDERS.values())
+    """The pipeline folders that hold a role's weights; an export with --base copies every other component."""
+
+    @staticmethod
+    def trained_parts(comps: ModelComponents, spec) -> dict[str, dict]:
+        """{parameter name prefix: transformer config} of what a trainable role trains (what its checkpoints hold):
+        one transformer (prefix ""), or the trained experts of a two-expert directory (`high.`, `low.`)."""
+        if boundary_timestep(comps.model_index) is None:
+            return {"": comps.transformer_config}
+        return {f"{e}.": json.loads((comps.path / EXPERT_FOLDERS[e] / "config.json").read_text())
+                for e in (spec.experts or EXPERTS)}
+
+    @staticmethod
+    def export_components(tensor_names: list[str]) -> dict[str, str] | None:
+        """Where an export writes a role's checkpoint tensors: {pipeline folder: the prefix of its tensors' names},
+        or None for one transformer (`transformer/`, names as they are). A two-expert role (`high.*`, `low.*`) maps
+        to both experts' folders; one without tensors stayed frozen, and the export copies the base's."""
+        prefixes = {n.split(".", 1)[0] for n in tensor_names}
+        if not prefixes or not prefixes <= set(EXPERTS):
+            return None
+        return {EXPERT_FOLDERS[e]: f"{e}." for e in EXPERTS}
+
+    @staticmethod
+    def load_plain_module(model_dir: str | Path, dtype: torch.dtype) -> torch.nn.Module:
+        """A Diffusers directory's denoiser for sampling outside DeepSpeed (`load_plain_transformer`)."""
+        return load_plain_transformer(model_dir, dtype)
+
+    @staticmethod
+    def timestep_fn(model_index: dict):
+        """How a plain denoiser's `timestep` input is made from t and the latents (`wan_common.timestep_fn`)."""
+        return timestep_fn(model_index)
 
     def check_unconditional(self, comps: ModelComponents, training, source: str) -> None:
         """Preflight: the unconditional condition the recipe asks for can be made (no encoder is loaded)."""

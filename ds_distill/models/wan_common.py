@@ -230,6 +230,12 @@ def expands_timesteps(model_index: dict) -> bool:
     return bool(model_index.get("expand_timesteps", False))
 
 
+def timestep_fn(model_index: dict):
+    """The plain denoiser's `timestep` input from t [B] and latents x (see `samplers.denoiser_from_module`): None
+    (t itself), or for a pipeline with `expand_timesteps` (TI2V-5B) one per token, as `timestep_input` makes it."""
+    return partial(timestep_input, expand=True) if expands_timesteps(model_index) else None
+
+
 def timestep_input(t: torch.Tensor, x: torch.Tensor, expand: bool) -> torch.Tensor:
     """The transformer's `timestep` for latents x [B, C, T, H, W]: t [B] itself, or with `expand` one per token
     [B, T * H/2 * W/2] (text-to-video: every token at t), the tensor WanPipeline builds for TI2V-5B."""

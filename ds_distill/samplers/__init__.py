@@ -8,7 +8,7 @@ serves a ZeRO-3 role through its adapter and a plain `nn.Module` alike. Nothing 
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -82,17 +82,16 @@ def sample_latents(
 
 
 def denoiser_from_module(module: torch.nn.Module, dtype: Optional[torch.dtype] = None,
-                         expand_timesteps: bool = False) -> Denoiser:
+                         timestep_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None) -> Denoiser:
     """A denoiser over a plain diffusers transformer (no DeepSpeed): inputs cast to its dtype, v back in fp32.
-    `expand_timesteps` (Wan2.2 TI2V-5B) hands it one timestep per token, as WanPipeline does."""
-    from ds_distill.models.wan_common import timestep_input
-
+    `timestep_fn(t, x)` makes the module's `timestep` input from t [B] and the latents (the family's
+    `timestep_fn`, e.g. one timestep per token); without it the module gets t."""
     dtype = dtype or next(module.parameters()).dtype
 
     def denoise(x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-        out = module(hidden_states=x.to(dtype), timestep=timestep_input(t.float(), x, expand_timesteps),
+        t = t.float()
+        out = module(hidden_states=x.to(dtype), timestep=t if timestep_fn is None else timestep_fn(t, x),
                      encoder_hidden_states=cond.to(dtype), return_dict=False)[0]
         return out.float()
 
     return denoise
-

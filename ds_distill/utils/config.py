@@ -79,8 +79,8 @@ class RoleSpec:
     lora: Optional[LoraSpec] = None
     """Train low-rank adapters instead of the full weights (trainable roles only)."""
     experts: Optional[list[str]] = None
-    """A two-expert Wan2.2 model (A14B): the experts that train, `[high]` or `[low]` (the other stays frozen);
-    default: both. Trainable roles only."""
+    """A model of several experts in one role: the experts that train, by the family's names (the others stay
+    frozen); default: all. Trainable roles only; the family checks the names (preflight)."""
 
 
 @dataclass
@@ -503,13 +503,9 @@ def recipe_from_mapping(data: dict, source: str) -> Recipe:
         if role.family is None:
             role.family = recipe.recipe.family
         if role.experts is not None:
-            bad = [e for e in role.experts if e not in ("high", "low")]
-            if bad or not role.experts or len(set(role.experts)) != len(role.experts):
-                raise RecipeError(f"{source}: roles.{name}.experts: expected [high], [low] or [high, low], got "
-                                  f"{role.experts}")
             if not role.trainable:
                 raise RecipeError(f"{source}: roles.{name}.experts: only a trainable role trains experts; remove "
-                                  "the key (a frozen role runs both)")
+                                  "the key (a frozen role runs them all)")
     check_training(recipe.training, source)
     return recipe
 

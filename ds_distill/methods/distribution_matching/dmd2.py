@@ -226,8 +226,8 @@ class DMD2Method(DistillMethod):
         self.student, self.teacher, self.critic = self.bundle["student"], self.bundle["teacher"], self.bundle["critic"]
         steps = torch.tensor(cfg.dmd_denoising_steps, dtype=torch.float32)
         self.step_timesteps = self.adapter.shift_timesteps(steps) if cfg.warp_denoising_step else steps
-        # A student training one expert of a two-expert model (roles.student.experts) exits only at its own steps
-        # and is scored only within its own timestep range.
+        # A student module that trains only part of the timestep range (its `trained_timesteps`, e.g. one expert of
+        # several) exits only at its own steps and is scored only within that range.
         self.expert_range = getattr(self.student.module, "trained_timesteps", None)
         self.exit_steps = list(range(len(steps)))
         if self.expert_range is not None:
@@ -236,7 +236,8 @@ class DMD2Method(DistillMethod):
             if not self.exit_steps:
                 raise RecipeError(f"method_config.dmd_denoising_steps: no step of {cfg.dmd_denoising_steps} "
                                   f"(shifted: {[round(t, 1) for t in self.step_timesteps.tolist()]}) falls in the "
-                                  f"trained expert's range [{lo:g}, {hi:g}] (roles.student.experts)")
+                                  f"timestep range the student trains, [{lo:g}, {hi:g}]; choose steps in it or "
+                                  "train the whole student")
         self.ema = PartitionedEMA(self.student.module, cfg.ema_decay, self.strategy) if cfg.ema_decay > 0 else None
         self.gan = self.gan_on(cfg)
         self.gan_scalars: dict[str, float] = {}
