@@ -174,6 +174,29 @@ def test_critic_loss_with_gan_matches_independent_computation(runtime, tiny_wan)
     assert float(got[f"{GAN_HEAD}.fc2.weight"].abs().max()) > 0
 
 
+def test_gan_max_timestep_ratio_caps_only_the_gan_noise(runtime):
+    """gan_max_timestep_ratio clamps the GAN's noising timesteps (both streams), not the score timesteps; unset, the
+    GAN follows max_timestep_ratio."""
+    m, a = runtime.method, runtime.adapter
+    b = a.prepare_batch(next(runtime.loader), latents_source="data")
+    ids = b.sample_ids
+    score = m.score_timesteps(b, "critic_timestep")
+    assert m.config.gan_max_timestep_ratio is None
+    torch.testing.assert_close(m.gan_timesteps(b, "gan_timestep"), gan_t(ids, 1001), rtol=0, atol=0)
+    streams = (("gan_timestep", 1001), ("critic_gan_timestep", 1002))
+    free = {s: gan_t(ids, extra) for s, extra in streams}
+    drawn = torch.cat(list(free.values()))
+    cap = float(drawn.min() + drawn.max()) / 2  # some draws above the cap, some below
+    m.config.gan_max_timestep_ratio = cap / 1000
+    try:
+        for stream, _ in streams:
+            torch.testing.assert_close(m.gan_timesteps(b, stream), free[stream].clamp(max=cap), rtol=0, atol=1e-4)
+        assert bool((drawn > cap).any()) and bool((drawn < cap).any())
+        torch.testing.assert_close(m.score_timesteps(b, "critic_timestep"), score, rtol=0, atol=0)
+    finally:
+        m.config.gan_max_timestep_ratio = None
+
+
 def test_student_step_with_gan_matches_reference_and_leaves_critic_and_teacher(runtime, tiny_wan):
     """DMD loss + W_GEN * softplus(-D(fake)) through the frozen critic and head: the student's gradients match
     plain PyTorch; the student step changes neither the critic (head included) nor the teacher and leaves the
@@ -255,7 +278,8 @@ def test_gan_on_text_only_data_is_a_recipe_error(tiny_wan, toy_data, tmp_path):
                      ({"gan_feature_blocks": []}, "gan_feature_blocks"),
                      ({"gan_loss_weight_gen": -1.0}, "gan_loss_weight_gen"),
                      ({"gan_feature_blocks": [7]}, r"gan_feature_blocks: block 7 does not exist \(the critic has 4"),
-                     ({"gan_feature_blocks": [1, -3]}, "gan_feature_blocks: .* names a block twice")):
+                     ({"gan_feature_blocks": [1, -3]}, "gan_feature_blocks: .* names a block twice"),
+                     ({"gan_max_timestep_ratio": 0.01}, r"gan_max_timestep_ratio: must be in \(min_timestep_ratio")):
         recipe = dmd2_recipe(tiny_wan, toy_data, tmp_path / "out", {**GAN, **bad},
                              data_path=str(toy_data / "latents"))
         with pytest.raises(RecipeError, match=f"method_config.{key}"):

@@ -80,7 +80,10 @@ class DMD2Config:
     gan_timestep: Literal["shifted", "uniform"] = "shifted"
     """How the GAN's noising timestep t (the same for a real latent and a student sample) is drawn: `shifted`
     uniform raw then flow-shifted, like the score timestep; `uniform` uniform in sigma. Clamped to
-    [min_timestep_ratio, max_timestep_ratio] * 1000."""
+    [min_timestep_ratio, gan_max_timestep_ratio] * 1000."""
+    gan_max_timestep_ratio: Optional[float] = None
+    """Upper bound of the GAN's noising timestep, a fraction of 1000 (default: max_timestep_ratio). The head can
+    only tell data from samples where the noise leaves their difference visible; a low cap keeps it there."""
     legacy_sources: list[str] = field(default_factory=list, init=False, repr=False)
 
 
@@ -146,6 +149,10 @@ class DMD2Method(DistillMethod):
             if blocks is not None and (not blocks or len(set(blocks)) != len(blocks)):
                 raise RecipeError(f"{source}: method_config.gan_feature_blocks: expected a non-empty list of distinct "
                                   f"block indices, e.g. [15, 22, 29]; got {blocks}")
+            hi = config.gan_max_timestep_ratio
+            if hi is not None and not config.min_timestep_ratio < hi <= 1:
+                raise RecipeError(f"{source}: method_config.gan_max_timestep_ratio: must be in "
+                                  f"(min_timestep_ratio={config.min_timestep_ratio:g}, 1], got {hi:g}")
             if config.gan_head_hidden < 1:
                 raise RecipeError(f"{source}: method_config.gan_head_hidden: must be at least 1")
 
@@ -300,7 +307,9 @@ class DMD2Method(DistillMethod):
         name, extra = GAN_STREAMS[stream]
         u = rng.per_sample_rand(b.sample_ids, self.seed, name, extra=extra) * 1000.0
         t = self.adapter.shift_timesteps(u) if self.config.gan_timestep == "shifted" else u
-        return t.clamp(self.config.min_timestep_ratio * 1000.0, self.config.max_timestep_ratio * 1000.0)
+        hi = self.config.gan_max_timestep_ratio
+        hi = self.config.max_timestep_ratio if hi is None else hi
+        return t.clamp(self.config.min_timestep_ratio * 1000.0, hi * 1000.0)
 
     def noised_for_gan(self, x0s: list[torch.Tensor], b: TrainingBatch, t: torch.Tensor, stream: str) -> torch.Tensor:
         """Each batch of x0s noised at the same t per row, with independent noise, stacked [n*B, ...]."""
