@@ -115,7 +115,7 @@ def meta_model(config: dict, lora=None):
     with torch.device("meta"):
         model = WanTransformer3DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
         if lora is not None:
-            from ds_distill.models.wan import lora_config
+            from ds_distill.models.wan_common import lora_config
 
             model.add_adapter(lora_config(lora))
     return model
@@ -280,7 +280,7 @@ def generates_at_size(checked) -> bool:
 def check_sizes(recipe, comps, source: str) -> tuple[int, int, int, int]:
     """training.num_frames/height/width as the sampler checks them: 4k+1 frames, multiples of the VAE stride x
     patch, within the rotary range. Returns the latent shape [C, T, H, W] they give."""
-    from ds_distill.models.wan import latent_shape_for
+    from ds_distill.models.wan_common import latent_shape_for
 
     t, cfg = recipe.training, comps.transformer_config
     spatial = int(comps.vae_config.get("scale_factor_spatial", 8))

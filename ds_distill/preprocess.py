@@ -424,7 +424,7 @@ class Encoders:
         import transformers
         from diffusers import AutoencoderKLWan
 
-        from ds_distill.models.wan import PromptEncoder, text_encoder_dtype
+        from ds_distill.models.wan_common import PromptEncoder, text_encoder_dtype
 
         # Our own bar is the progress display; per-load bars would interleave with it.
         diffusers.utils.logging.disable_progress_bar()

@@ -135,7 +135,8 @@ def test_student_computes_fp32_modules_in_fp32(tiny_wan, dist_env, torch_linear,
     fp32. Equal to diffusers' bf16 model whose fp32 parameters hold the same bf16-rounded values (tolerance
     BF16_REL/16, measured 0), within bf16 of the unrounded model, and the time embedder trains."""
     from ds_distill.engines import OptimizerSpec, Strategy
-    from ds_distill.models.wan import WanFamily, fp32_parameter_names
+    from ds_distill.models.wan import WanFamily
+    from ds_distill.models.wan_common import fp32_parameter_names
     from ds_distill.roles import RoleHandle
 
     strategy = Strategy(dist_env)

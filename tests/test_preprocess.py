@@ -105,7 +105,7 @@ def test_sample_indices():
 def test_preprocess_matches_vae_and_text_encoder(tiny_wan, videos, tmp_path, capsys):
     from diffusers import AutoencoderKLWan
 
-    from ds_distill.models.wan import PromptEncoder
+    from ds_distill.models.wan_common import PromptEncoder
     from ds_distill.utils.dataloader import ParquetDataset
 
     root, captions = videos

@@ -150,7 +150,7 @@ def test_gradient_checkpointing_recomputes_and_matches_no_checkpointing(ckpt_run
     """Checkpointing is on inside the engines, the blocks really run again in backward (the student's in its
     DMD loss, where the critic scores under no_grad and is not recomputed; the critic's in its own loss), and
     the gradients equal those of the same step without checkpointing (bf16, threshold 0)."""
-    from ds_distill.models.wan import fp32_parameter_names
+    from ds_distill.models.wan_common import fp32_parameter_names
 
     m = ckpt_runtime.method
     n_blocks = len(m.student.module.blocks)

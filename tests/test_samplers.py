@@ -36,7 +36,7 @@ def pipe(tiny_wan):
 @pytest.fixture(scope="module")
 def conds(tiny_wan):
     """Conditional and unconditional embeddings [1, TEXT_LEN, D], zero-padded as WanPipeline pads them."""
-    from ds_distill.models.wan import PromptEncoder
+    from ds_distill.models.wan_common import PromptEncoder
     from ds_distill.validators.prompts import pad_embedding
 
     cond, uncond = PromptEncoder(tiny_wan)([PROMPT, NEGATIVE], TEXT_LEN)

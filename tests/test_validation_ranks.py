@@ -26,7 +26,7 @@ class LoadCounter:
 
 
 def test_text_encoder_dtype_per_device():
-    from ds_distill.models.wan import text_encoder_dtype
+    from ds_distill.models.wan_common import text_encoder_dtype
 
     assert text_encoder_dtype("cpu") == torch.float32
     assert text_encoder_dtype(torch.device("cuda", 1)) == torch.bfloat16
@@ -40,7 +40,7 @@ def test_text_encoder_loaded_once_and_vae_only_while_validating(tiny_wan, toy_da
     from transformers import UMT5EncoderModel
 
     from ds_distill.engines import Strategy
-    from ds_distill.models.wan import PromptEncoder
+    from ds_distill.models.wan_common import PromptEncoder
 
     text_loads = LoadCounter(monkeypatch, UMT5EncoderModel)
     vae_loads = LoadCounter(monkeypatch, AutoencoderKLWan)

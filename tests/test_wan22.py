@@ -53,7 +53,8 @@ def test_ode_matches_wan_pipeline(wan22, dist_env, variant):
 
     from ds_distill.engines import Strategy, eval_ds_config, load_template
     from ds_distill.models.components import read_components
-    from ds_distill.models.wan import PromptEncoder, WanFamily
+    from ds_distill.models.wan import WanFamily
+    from ds_distill.models.wan_common import PromptEncoder
     from ds_distill.roles import RoleHandle
     from ds_distill.samplers import denoiser_from_module, initial_noise, sample_latents
     from ds_distill.utils.config import recipe_from_mapping
