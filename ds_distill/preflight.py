@@ -400,7 +400,8 @@ def check_gan_head(role_dir: Path, saved: dict, recipe) -> None:
 
 def check_resume(output_dir: Path, resume: str, recipe, components: dict) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume: complete, written by this method for these trainable roles, with parameters of
-    the shapes the recipe's models have."""
+    the shapes the recipe's models have (every part the family says a role trains)."""
+    from ds_distill.dispatch import get_family
     from ds_distill.utils import checkpoint as ckpt
 
     path = ckpt.find_resume_checkpoint(output_dir, resume)
@@ -425,8 +426,11 @@ def check_resume(output_dir: Path, resume: str, recipe, components: dict) -> tup
             continue
         if role == "critic":
             check_gan_head(path / role, saved, recipe)
-        lora = recipe.roles[role].lora
-        expected = {n: list(s) for n, s in trained_shapes(components[role].transformer_config, lora).items()}
+        spec = recipe.roles[role]
+        lora = spec.lora
+        parts = get_family(spec.family, recipe.source)().trained_parts(components[role], spec)
+        expected = {prefix + n: list(s) for prefix, config in parts.items()
+                    for n, s in trained_shapes(config, lora).items()}
         if lora is None and any(".lora_" in n for n in saved):
             raise CheckpointError(f"{path}/{role}: --resume: holds LoRA adapters, but the recipe trains {role} in full; "
                                   f"set roles.{role}.lora as the run that wrote it did")

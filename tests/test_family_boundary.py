@@ -15,7 +15,7 @@ FAMILY_LAYER = (
     "models/",  # the families, their shared leaf module (wan_common) and the tiny builders
     "adapters/wan.py",
     "validators/wan.py",
-    "parallel/ulysses.py",  # DeepSpeed-Ulysses for WanTransformer3DModel, reached via WanFamily.enable_sequence_parallel
+    "parallel/ulysses.py",  # Ulysses for WanTransformer3DModel, reached only via WanFamily.enable_sequence_parallel
 )
 
 WAN22_NAMES = {
@@ -25,7 +25,8 @@ WAN22_NAMES = {
     "WanExperts": re.compile(r"WanExperts"),
     "A14B": re.compile(r"a14b", re.IGNORECASE),
     "TI2V": re.compile(r"ti2v", re.IGNORECASE),
-    "the expert names high/low": re.compile(r"""["'](high|low)\.?["']|\[(high|low)(, (high|low))?\]|`(high|low)\.\*`"""),
+    "the expert names high/low": re.compile(
+        r"""["'](high|low)\.?["']|\[(high|low)(, (high|low))?\]|`(high|low)\.\*`"""),
 }
 
 

@@ -163,8 +163,8 @@ def a14b_recipe(wan22, toy_data, out, method: str, experts: list[str] | None, **
 def test_a14b_low_expert_finetune_leaves_high_bit_equal(wan22, toy_data, dist_env, tmp_path):
     """Finetune, fp32, 1 rank in process, threshold 0, checkpointing on, `experts: [low]`: one engine holds both
     experts; the high expert has no grads (outside the optimizer, out of the checkpoint) and is bit-equal to its file
-    after training; the low expert moved. Export: transformer_2/ trained, transformer/ the base's; WanPipeline
-    renders."""
+    after training; the low expert moved. Preflight accepts the checkpoint for --resume (its names are `low.*`).
+    Export: transformer_2/ trained, transformer/ the base's; WanPipeline renders."""
     from diffusers import WanPipeline
 
     from conftest import build_in_process
@@ -189,6 +189,10 @@ def test_a14b_low_expert_finetune_leaves_high_bit_equal(wan22, toy_data, dist_en
     states = torch.load(next((out / "checkpoint-2" / "student").glob("*model_states.pt")), map_location="cpu",
                         weights_only=False)
     assert {k.split(".")[0] for g in states["param_shapes"] for k in g} == {"low"}
+    from ds_distill import preflight
+    from ds_distill.utils.config import load_recipe
+
+    assert preflight.check_resume(out, "latest", load_recipe(recipe), runtime.components)[0] == out / "checkpoint-2"
     dst = tmp_path / "export"
     export.convert(out, dst, base=model, log=lambda *_: None)
     assert (dst / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == \
