@@ -536,7 +536,7 @@ def write_transformer(role, tensors: list[_Tensor], out: Path, dtype: torch.dtyp
     return len(shards), total
 
 
-def copy_base(base: Path, out: Path, link: bool, skip: tuple[str, ...] = ("transformer",)) -> list[str]:
+def copy_base(base: Path, out: Path, link: bool, skip: tuple[str, ...]) -> list[str]:
     """The base pipeline's components except the folders of its transformer(s), `skip` (copied, or symlinked with
     link=True)."""
     names = []
