@@ -37,7 +37,8 @@ GIB = 2**30
 def register_random_family():
     """`wan_random`: the wan family, with the weight streaming left out (random weights from the config)."""
     from ds_distill.dispatch import _FAMILIES, register_family
-    from ds_distill.models.wan import WanFamily, add_lora, keep_diffusers_fp32
+    from ds_distill.models.wan import WanFamily
+    from ds_distill.models.wan_common import add_lora, keep_diffusers_fp32
 
     if "wan_random" in _FAMILIES:
         return

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import WanTransformer3DModel
 
     from ds_distill.models.components import read_components
-    from ds_distill.models.wan import latent_shape_for
+    from ds_distill.models.wan_common import latent_shape_for
     from ds_distill.samplers import denoiser_from_module, initial_noise, sample_latents
 
     tmp = None

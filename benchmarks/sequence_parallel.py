@@ -5,7 +5,7 @@ in fp32, one sample of `--frames` x `--height` x `--width` latents (default 4 x 
 tokens), a flow-matching style MSE loss, forward + backward, 2 CPU ranks (gloo):
 
 - SP 1: one process runs the whole sequence alone (first, before the 2-rank group starts);
-- SP 2: two ranks run the same sample, each keeping half the tokens (`ds_distill.parallel.ulysses`, self-attention
+- SP 2: two ranks run the same sample, each keeping half the tokens (`ds_distill.models.wan_ulysses`, self-attention
   through DeepSpeed's DistributedAttention).
 
 Activation memory is measured as the bytes of the distinct tensors autograd saves for backward (a
@@ -106,7 +106,7 @@ def worker(args) -> None:
     import torch
 
     from ds_distill.engines import Strategy, init_distributed
-    from ds_distill.parallel.ulysses import install_wan
+    from ds_distill.models.wan_ulysses import install_wan
 
     strategy = Strategy(init_distributed())
     model, x, t, cond, target, tokens = build(args)

@@ -453,7 +453,7 @@ def test_make_toy_data_overwrite_swaps_in_exactly_the_new_dataset(tiny_wan, tmp_
 
 def test_failed_generation_leaves_the_old_folder(tiny_wan, tmp_path, monkeypatch):
     """A generator that fails mid-write (here: the text encoder) leaves the existing dataset as it was."""
-    from ds_distill.models import wan
+    from ds_distill.models import wan_common
 
     toy = tmp_path / "toy"
     assert cli_main(["make-toy-data", str(toy), "--model", str(tiny_wan), "--rows-per-caption", "1"]) == 0
@@ -462,7 +462,7 @@ def test_failed_generation_leaves_the_old_folder(tiny_wan, tmp_path, monkeypatch
     def broken(*args, **kwargs):
         raise RuntimeError("encoder crashed")
 
-    monkeypatch.setattr(wan, "encode_prompts", broken)
+    monkeypatch.setattr(wan_common, "encode_prompts", broken)
     with pytest.raises(RuntimeError, match="encoder crashed"):
         cli_main(["make-toy-data", str(toy), "--model", str(tiny_wan), "--overwrite"])
     assert files_of(toy) == before

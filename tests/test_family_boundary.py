@@ -15,7 +15,6 @@ FAMILY_LAYER = (
     "models/",  # the families, their shared leaf module (wan_common) and the tiny builders
     "adapters/wan.py",
     "validators/wan.py",
-    "parallel/ulysses.py",  # Ulysses for WanTransformer3DModel, reached only via WanFamily.enable_sequence_parallel
 )
 
 WAN22_NAMES = {

@@ -237,7 +237,7 @@ def _sampler_worker(out: Path) -> None:
     from diffusers import WanTransformer3DModel
 
     from ds_distill.engines import Strategy, init_distributed
-    from ds_distill.parallel.ulysses import install_wan
+    from ds_distill.models.wan_ulysses import install_wan
     from ds_distill.samplers import denoiser_from_module, sample_latents
 
     strategy = Strategy(init_distributed())

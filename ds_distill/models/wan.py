@@ -1,6 +1,6 @@
 """The Wan family: loads roles from Diffusers-format Wan directories and wires the Wan adapter and validator.
 
-The pieces those share live in `ds_distill.models.wan_common` (re-exported here for existing imports).
+The pieces those share live in `ds_distill.models.wan_common`, the leaf module the three import.
 """
 from __future__ import annotations
 
@@ -20,22 +20,15 @@ from ds_distill.models.components import (
     resolve_model_dir,
     transformer_dir,
 )
-from ds_distill.models.wan_common import (  # noqa: F401  (re-exported)
+from ds_distill.models.wan_common import (
     EXPERT_FOLDERS,
     EXPERTS,
-    LORA_SEED,
-    PromptEncoder,
     PromptEncoderCache,
     WanExperts,
     add_lora,
     boundary_timestep,
-    encode_prompts,
-    fp32_parameter_names,
     keep_diffusers_fp32,
-    latent_shape_for,
     load_plain_transformer,
-    lora_config,
-    text_encoder_dtype,
     timestep_fn,
 )
 from ds_distill.validators.wan import WanValidator
@@ -52,8 +45,8 @@ class WanFamily(PromptEncoderCache):
     """ZeRO-3 fetches a whole transformer block at once: 1.5x faster steps on the tiny model, same numbers."""
 
     def enable_sequence_parallel(self, module, sp) -> None:
-        """Wire DeepSpeed-Ulysses into every Wan transformer of a role (`ds_distill.parallel.ulysses`)."""
-        from ds_distill.parallel.ulysses import install_wan
+        """Wire DeepSpeed-Ulysses into every Wan transformer of a role (`ds_distill.models.wan_ulysses`)."""
+        from ds_distill.models.wan_ulysses import install_wan
 
         install_wan(module, sp)
 

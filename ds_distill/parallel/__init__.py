@@ -3,7 +3,7 @@
 Ranks form groups of `sp_size` consecutive ranks. Inside a group every rank holds the same samples and computes
 the same loss; each keeps one slice of the token sequence through the transformer blocks. Data parallelism runs
 across groups (size world / sp_size); ZeRO-3 still partitions parameters over all ranks. The model wiring lives
-in the family (`ds_distill.parallel.ulysses` for Wan): methods never see it.
+in the family (`ds_distill.models.wan_ulysses` for Wan): methods never see it.
 """
 from __future__ import annotations
 

@@ -201,7 +201,7 @@ def _write_toy_data(out: Path, model_dir: Path, cfg: ToyDataConfig, mean: torch.
                     vae_cfg: dict) -> None:
     from safetensors.torch import save_file
 
-    from ds_distill.models.wan import encode_prompts, latent_shape_for
+    from ds_distill.models.wan_common import encode_prompts, latent_shape_for
     from ds_distill.utils.dataset_schema import T2V_SCHEMA, TEXT_ONLY_SCHEMA, tensor_to_bytes, torch_dtype
 
     shape = latent_shape_for(vae_cfg, cfg.num_frames, cfg.height, cfg.width)
