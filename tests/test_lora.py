@@ -298,3 +298,19 @@ def test_export_refuses_wrong_lora_flag(lora_runs, tmp_path):
                    str(full), str(tmp_path / "y"), "--lora"])
     assert res.returncode == 2 and "holds full weights, not LoRA adapters" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("flag", ["--merge", "--lora"])
+def test_export_with_a_base_of_another_width_is_one_line(lora_runs, tmp_path, flag):
+    """Adapters trained on the tiny Wan (head dim 16) exported against a base of head dim 32: one line naming the
+    tensor and the fix (--base), exit 2, before anything is written (OUT does not exist)."""
+    (one, _) = lora_runs[1]
+    wide = tmp_path / "wide_wan"
+    res = run_cli([PYTHON, "-m", "ds_distill.cli", "make-tiny-wan", str(wide), "--head-dim", "32"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = run_cli([PYTHON, "tools/convert_zero_to_safetensors.py", str(one), str(tmp_path / "out"), flag,
+                   "--base", str(wide)])
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "the base model is another size" in lines[0] and "pass that model as --base" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
