@@ -420,24 +420,39 @@ class PartitionedRole:
 
 
 # -- the transformer config and the output layout ---------------------------------------------------------------
-def transformer_config_file(rc: RoleCheckpoint, base: Path | None) -> Path:
-    """--base's transformer/config.json, else the one of the role's `path` in the run's recipe.yaml."""
+def run_recipe(rc: RoleCheckpoint) -> tuple[Path, dict | None]:
+    """The run's recipe.yaml beside the checkpoint, read once (None when there is none); unreadable: a UserError."""
+    recipe = rc.checkpoint.parent / "recipe.yaml"
+    if not recipe.is_file():
+        return recipe, None
+    import yaml
+
+    try:
+        data = yaml.safe_load(recipe.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{recipe}: cannot read the run's recipe ({type(exc).__name__}); restore it from the run's "
+                        "launch recipe, or pass --base for the transformer config") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{recipe}: not a recipe mapping; restore it from the run's launch recipe")
+    return recipe, data
+
+
+def transformer_config_file(rc: RoleCheckpoint, base: Path | None, run: tuple[Path, dict | None]) -> Path:
+    """--base's transformer/config.json, else the one of the role's `path` in the run's recipe.yaml (`run`)."""
     if base is not None:
         base = Path(base)
         if not (base / "model_index.json").is_file() or not (base / "transformer" / "config.json").is_file():
             raise UserError(f"--base {base}: is not a Diffusers pipeline directory (needs model_index.json and "
                             "transformer/config.json)")
         return base / "transformer" / "config.json"
-    recipe = rc.checkpoint.parent / "recipe.yaml"
+    recipe, data = run
     hint = "pass --base MODEL_DIR (the pipeline the run started from)"
-    if not recipe.is_file():
+    if data is None:
         raise UserError(f"{rc.checkpoint}: no --base given and no {recipe.name} beside the checkpoint to find the "
                         f"transformer config in; {hint}")
-    import yaml
-
     try:
-        path = (yaml.safe_load(recipe.read_text()) or {})["roles"][rc.role]["path"]
-    except (yaml.YAMLError, KeyError, TypeError):
+        path = data["roles"][rc.role]["path"]
+    except (KeyError, TypeError):
         raise UserError(f"{recipe}: has no roles.{rc.role}.path to read the transformer config from; {hint}") from None
     p = Path(os.path.expanduser(str(path)))
     for candidate in ([p] if p.is_absolute() else [p, recipe.parent / p]):
@@ -680,22 +695,25 @@ def _marked(folder: Path) -> bool:
     return True
 
 
-def role_family(rc: RoleCheckpoint):
-    """The role's model family, as its run's recipe.yaml beside the checkpoint names it (without one: `wan`, the
-    built-in family), which says where the role's tensors go (`export_components`)."""
+def role_family(rc: RoleCheckpoint, run: tuple[Path, dict | None]):
+    """The role's model family, as the run's recipe.yaml (`run`) names it (roles.<role>.family, else
+    recipe.family), which says where the role's tensors go (`export_components`). Without a recipe.yaml (a
+    checkpoint copied without it): `wan`, the built-in family. A recipe that names no family: a UserError."""
     from ds_distill.dispatch import get_family
 
-    recipe = rc.checkpoint.parent / "recipe.yaml"
-    name = None
-    if recipe.is_file():
-        import yaml
-
-        try:
-            data = yaml.safe_load(recipe.read_text()) or {}
-            name = (data.get("roles") or {}).get(rc.role, {}).get("family") or data["recipe"]["family"]
-        except (yaml.YAMLError, KeyError, TypeError, AttributeError):
-            name = None
-    return get_family(str(name or "wan"), str(recipe), "recipe.family")()
+    recipe, data = run
+    if data is None:
+        return get_family("wan", str(recipe), "recipe.family")()
+    role = (data.get("roles") or {}).get(rc.role)
+    name = role.get("family") if isinstance(role, dict) else None
+    key = f"roles.{rc.role}.family"
+    if name is None:
+        name, key = (data.get("recipe") or {}).get("family") if isinstance(data.get("recipe"), dict) else None, \
+            "recipe.family"
+    if not name:
+        raise UserError(f"{recipe}: names no model family (recipe.family) for role {rc.role}; restore it from the "
+                        "run's launch recipe")
+    return get_family(str(name), str(recipe), key)()
 
 
 def split_components(tensors: list[_Tensor], layout: dict[str, str]) -> dict[str, list[_Tensor]]:
@@ -742,7 +760,9 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
         if keep is not None and (out.resolve() == keep.resolve() or out.resolve() in keep.resolve().parents
                                  or keep.resolve() in out.resolve().parents):
             raise UserError(f"{out}: OUT must be outside {what} ({keep}), not in it or around it")
-    config_file = transformer_config_file(rc, Path(base) if base is not None else None)
+    run = run_recipe(rc)
+    config_file = transformer_config_file(rc, Path(base) if base is not None else None, run)
+    family = role_family(rc, run)
     try:
         config = json.loads(config_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -770,7 +790,6 @@ def convert(checkpoint: str | os.PathLike, out: str | os.PathLike, role: str | N
             role_w = _InMemory(adapters.state_dict())
             tensors = role_w.tensors()
             adapters = None
-    family = role_family(rc)
     layout = family.export_components([t.name for t in tensors]) if lora_cfg is None else None
     parts = split_components(tensors, layout) if layout is not None else None
     part_configs: dict[str, Path] = {}

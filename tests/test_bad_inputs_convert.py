@@ -33,9 +33,17 @@ def world(tiny_wan, toy_data, dist_env, tmp_path_factory) -> dict[str, Path]:
     (wrong / "transformer" / "config.json").write_text(json.dumps({**cfg, "num_layers": cfg["num_layers"] + 1}))
     empty = root / "interrupted_run"
     (empty / "checkpoint-3").mkdir(parents=True)
+    # The run copied with its recipe.yaml edited by hand: an unknown family, and text that is not YAML.
+    bad_family, bad_yaml = root / "run_bad_family", root / "run_bad_yaml"
+    for copy in (bad_family, bad_yaml):
+        shutil.copytree(run, copy, symlinks=True)
+    recipe = (run / "recipe.yaml").read_text()
+    assert "family: wan" in recipe
+    (bad_family / "recipe.yaml").write_text(recipe.replace("family: wan", "family: wan3"))
+    (bad_yaml / "recipe.yaml").write_text("roles: [unclosed\n")
     return {"root": root, "run": run, "ckpt": run / "checkpoint-1", "export": root / "outs" / "export",
             "mine": mine, "file": root / "outs" / "file.bin", "new": root / "outs" / "new", "tiny_wan": tiny_wan,
-            "wrong_base": wrong, "interrupted": empty}
+            "wrong_base": wrong, "interrupted": empty, "bad_family": bad_family, "bad_yaml": bad_yaml}
 
 
 # name: (argv with {placeholders} from `world`, a phrase the one line must hold)
@@ -58,6 +66,10 @@ CASES = {
     "--link-base alone": (["{run}", "{new}", "--link-base"], "--link-base needs --base"),
     "OUT inside the checkpoint": (["{run}", "{ckpt}/export"], "OUT must be outside the checkpoint"),
     "OUT is the base": (["{run}", "{tiny_wan}", "--base", "{tiny_wan}", "--overwrite"], "replaces only an export"),
+    "recipe.yaml names an unknown family": (["{bad_family}", "{new}"], "family: unknown family 'wan3'"),
+    "recipe.yaml is not YAML": (["{bad_yaml}", "{new}"], "cannot read the run's recipe"),
+    "recipe.yaml is not YAML, with --base": (["{bad_yaml}", "{new}", "--base", "{tiny_wan}"],
+                                             "cannot read the run's recipe"),
     "unknown option": (["{run}", "{new}", "--shards", "3"], "unrecognized arguments: --shards"),
     "OUT missing": (["{run}"], "the following arguments are required: out"),
 }
