@@ -148,10 +148,6 @@ class ParquetDataset(torch.utils.data.Dataset):
         fi = bisect.bisect_right(self._physical, physical) - 1
         return fi, physical - self._physical[fi]
 
-    def source_of(self, index: int) -> int:
-        """Which entry of `training.data_path` an index draws from (0 for a single path)."""
-        return self.segments[bisect.bisect_right(self._segment_starts, index) - 1].source
-
     def locate(self, index: int) -> tuple[Path, int]:
         """The file of a global row index and the row number within that file (what error messages name)."""
         fi, local = self._file_row(index)
