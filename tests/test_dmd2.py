@@ -72,16 +72,39 @@ def reference_sample(model, ids, shape, cond, k, stream, grad):
         return x - ts[k] / 1000 * v
 
 
-def score_t(ids, stream):
+def score_t(ids, stream, floor=None):
+    """The score timesteps: uniform raw, shifted, in [20, 980]; above a floor, uniform raw between the raw
+    timesteps whose shifts are the floor and 980 (the shifted distribution conditioned on t >= floor)."""
     u = rng.per_sample_rand(ids, 0, stream)
-    return shifted(u * 1000).clamp(20.0, 980.0)
+    if floor is None:
+        return shifted(u * 1000).clamp(20.0, 980.0)
+    lo = max(20.0, floor)
+    unshift = [t / 1000 / (SHIFT - (SHIFT - 1) * t / 1000) for t in (lo, 980.0)]
+    return shifted(1000 * (unshift[0] + u * (unshift[1] - unshift[0]))).clamp(lo, 980.0)
 
 
-def test_generator_gradient_matches_independent_computation(runtime, tiny_wan):
+def phased_floor(k):
+    """phased_scores: step k's output is scored at or above step k+1's shifted timestep; the last step's unfloored."""
+    return float(shifted(torch.tensor(float(STEPS_RAW[k + 1])))) if k + 1 < len(STEPS_RAW) else None
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "phased"])
+def phased(request, runtime):
+    runtime.method.config.phased_scores = request.param
+    yield request.param
+    runtime.method.config.phased_scores = False
+
+
+def early_step(stream, start):
+    """An iteration whose shared exit index is not the last step (where phased_scores changes something)."""
+    return next(s for s in range(start, start + 400, 2) if rng.shared_randint(4, 0, stream, s) < len(STEPS_RAW) - 1)
+
+
+def test_generator_gradient_matches_independent_computation(runtime, tiny_wan, phased):
     m, a = runtime.method, runtime.adapter
     raw = next(runtime.loader)
     b = a.prepare_batch(raw, latents_source="zeros")
-    step = 2
+    step = early_step("rollout_noise", 2) if phased else 2
     loss = m.generator_loss(b, step)
     a.backward(m.student, loss)
     got = full_grads(m.student.module)
@@ -92,7 +115,9 @@ def test_generator_gradient_matches_independent_computation(runtime, tiny_wan):
     k = rng.shared_randint(4, 0, "rollout_noise", step)
     x0_gen = reference_sample(student, ids, shape, cond, k, "rollout_noise", grad=True)
     with torch.no_grad():
-        t = score_t(ids, "score_timestep")
+        t = score_t(ids, "score_timestep", phased_floor(k) if phased else None)
+        if phased:
+            assert bool((t >= phased_floor(k) - 1e-3).all())
         s = (t / 1000).view(-1, 1, 1, 1, 1)
         eps = rng.per_sample_randn(shape, ids, 0, "score_noise")
         x_t = (1 - s) * x0_gen + s * eps
@@ -109,11 +134,11 @@ def test_generator_gradient_matches_independent_computation(runtime, tiny_wan):
     assert any(float(v.abs().max()) > 0 for v in got.values())
 
 
-def test_critic_loss_matches_independent_computation(runtime, tiny_wan):
+def test_critic_loss_matches_independent_computation(runtime, tiny_wan, phased):
     m, a = runtime.method, runtime.adapter
     raw = next(runtime.loader)
     b = a.prepare_batch(raw, latents_source="zeros")
-    step = 3
+    step = early_step("critic_rollout", 3) if phased else 3
     loss = m.critic_loss(b, step)
     a.backward(m.critic, loss)
     got = full_grads(m.critic.module)
@@ -123,7 +148,7 @@ def test_critic_loss_matches_independent_computation(runtime, tiny_wan):
     ids, shape, cond = b.sample_ids, b.latent_shape, b.cond.float()
     k = rng.shared_randint(4, 0, "critic_rollout", step)
     x0 = reference_sample(student, ids, shape, cond, k, "critic_rollout", grad=False)
-    t = score_t(ids, "critic_timestep")
+    t = score_t(ids, "critic_timestep", phased_floor(k) if phased else None)
     s = (t / 1000).view(-1, 1, 1, 1, 1)
     eps = rng.per_sample_randn(shape, ids, 0, "critic_noise")
     x_t = (1 - s) * x0 + s * eps
@@ -177,6 +202,33 @@ def test_guidance_zero_skips_unconditional_pass(runtime):
     finally:
         hook.remove()
     assert (with_uncond, len(calls)) == (2, 1)
+
+
+def test_phased_scores_floor_every_step_but_the_last(runtime):
+    """phased_scores: for each exit k the score and critic timesteps are the shifted distribution above step k+1's
+    timestep (the last step's: the whole [min, max] range, as with phased_scores off)."""
+    m = runtime.method
+    b = m.adapter.prepare_batch(next(runtime.loader), latents_source="zeros")
+    seen = set()
+    m.config.phased_scores = True
+    try:
+        for step in range(40):
+            for rollout, stream in (("rollout_noise", "score_timestep"), ("critic_rollout", "critic_timestep")):
+                k = m.exit_index(rollout, step)
+                seen.add(k)
+                got = m.score_timesteps(b, stream, m.score_floor(k))
+                if k == len(STEPS_RAW) - 1:
+                    assert m.score_floor(k) is None
+                    torch.testing.assert_close(got, score_t(b.sample_ids, stream), rtol=1e-6, atol=1e-4)
+                else:
+                    floor = phased_floor(k)
+                    assert m.score_floor(k) == pytest.approx(floor, abs=1e-3)
+                    torch.testing.assert_close(got, score_t(b.sample_ids, stream, floor), rtol=1e-6, atol=1e-3)
+                    assert bool((got >= floor - 1e-3).all() and (got <= 980.0).all())
+    finally:
+        m.config.phased_scores = False
+    assert seen == set(range(len(STEPS_RAW)))
+    assert m.score_floor(0) is None  # off: no floor anywhere
 
 
 def test_exit_index_stops_early(runtime):

@@ -56,6 +56,13 @@ class DMD2Config:
     """Lower clamp of the score timestep, as a fraction of 1000 (after the shift)."""
     max_timestep_ratio: float = 0.98
     """Upper clamp of the score timestep."""
+    phased_scores: bool = False
+    """Score each step's output only where the next step uses it: the x0 the student makes at step k (not the last)
+    is re-noised to step k+1's timestep before anything reads it, so its DMD scores and the critic's flow-matching
+    targets are drawn only at timesteps at or above step k+1's (the distribution of the re-noised sample is all that
+    has to match); the last step's keep [min, max]. Early steps then see only smooth high-noise scores, which move
+    mass between modes, not the sharp low-noise ones that pull samples into the nearest mode (after the
+    subinterval score matching of Phased DMD, Fan et al. 2025). False: every step over [min, max], as before."""
     critic_learning_rate: Optional[float] = None
     """Critic learning rate (default: training.learning_rate)."""
     critic_betas: Optional[list[float]] = None
@@ -250,24 +257,38 @@ class DMD2Method(DistillMethod):
         self.gan_scalars: dict[str, float] = {}
 
     # -- pieces ---------------------------------------------------------------------------------
-    def score_timesteps(self, b: TrainingBatch, stream: str) -> torch.Tensor:
-        """t' per sample: uniform raw in [0, 1000), shifted, clamped to [min, max] * 1000."""
+    def score_timesteps(self, b: TrainingBatch, stream: str, floor: Optional[float] = None) -> torch.Tensor:
+        """t' per sample: uniform raw in [0, 1000), shifted, clamped to [min, max] * 1000; with a `floor` (see
+        `phased_scores`) the same distribution restricted to [max(min, floor), max]."""
         u = rng.per_sample_rand(b.sample_ids, self.seed, stream)
         lo, hi = self.config.min_timestep_ratio * 1000.0, self.config.max_timestep_ratio * 1000.0
-        if self.expert_range is not None:
-            # The shifted distribution restricted to the trained expert's range: u uniform between the raw
-            # timesteps whose shifts are the range's ends (the shift is monotonic).
-            lo, hi = max(lo, self.expert_range[0]), min(hi, self.expert_range[1])
+        if self.expert_range is not None or floor is not None:
+            # The shifted distribution restricted to the trained expert's range and the floor: u uniform between
+            # the raw timesteps whose shifts are the range's ends (the shift is monotonic).
+            if self.expert_range is not None:
+                lo, hi = max(lo, self.expert_range[0]), min(hi, self.expert_range[1])
+            if floor is not None:
+                lo = min(max(lo, floor), hi)
             shift = float(self.adapter.flow_shift)
             raw_lo, raw_hi = ((x / 1000.0) / (shift - (shift - 1.0) * x / 1000.0) for x in (lo, hi))
             u = raw_lo + u * (raw_hi - raw_lo)
         t = self.adapter.shift_timesteps(u * 1000.0)
         return t.clamp(lo, hi)
 
+    def exit_index(self, stream: str, step: int) -> int:
+        """The step k at which a rollout on `stream` stops at iteration `step` (the same on every rank)."""
+        return self.exit_steps[rng.shared_randint(len(self.exit_steps), self.seed, stream, step)]
+
+    def score_floor(self, k: int) -> Optional[float]:
+        """Lowest score timestep for the output of step k: step k+1's timestep under `phased_scores`, else none."""
+        if not self.config.phased_scores or k + 1 >= len(self.step_timesteps):
+            return None
+        return float(self.step_timesteps[k + 1])
+
     def student_sample(self, b: TrainingBatch, step: int, with_grad: bool, stream: str) -> torch.Tensor:
         """x0 from the student's few-step schedule, stopping at a shared exit index k (graph only at step k)."""
         a, steps = self.adapter, self.step_timesteps
-        k = self.exit_steps[rng.shared_randint(len(self.exit_steps), self.seed, stream, step)]
+        k = self.exit_index(stream, step)
         ts = [steps[i].expand(b.batch_size) for i in range(len(steps))]
         dev = a.device
         if self.config.rollout_mode == "data":
@@ -286,11 +307,11 @@ class DMD2Method(DistillMethod):
         return x0
 
     @torch.no_grad()
-    def dmd_target(self, x0_gen: torch.Tensor, b: TrainingBatch) -> torch.Tensor:
+    def dmd_target(self, x0_gen: torch.Tensor, b: TrainingBatch, floor: Optional[float] = None) -> torch.Tensor:
         """stopgrad(x0_gen - g) with g = (fake - real) / mean|x0_gen - real| per sample."""
         a, w = self.adapter, self.config.real_score_guidance_scale
         x0 = x0_gen.detach()
-        t = self.score_timesteps(b, "score_timestep")
+        t = self.score_timesteps(b, "score_timestep", floor)
         eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "score_noise", device=x0.device)
         x_t = a.add_noise(x0, eps, t)
         fake = a.predict_x0(self.critic, x_t, t, b.cond)
@@ -324,7 +345,7 @@ class DMD2Method(DistillMethod):
 
     def generator_loss(self, b: TrainingBatch, step: int) -> torch.Tensor:
         x0_gen = self.student_sample(b, step, with_grad=True, stream="rollout_noise")
-        target = self.dmd_target(x0_gen, b)
+        target = self.dmd_target(x0_gen, b, self.score_floor(self.exit_index("rollout_noise", step)))
         loss = 0.5 * self.mse(x0_gen, target)
         if self.gan:  # through the frozen critic and head: only the student gets gradients
             t = self.gan_timesteps(b, "gan_timestep")
@@ -339,7 +360,7 @@ class DMD2Method(DistillMethod):
     def critic_loss(self, b: TrainingBatch, step: int) -> torch.Tensor:
         a = self.adapter
         x0 = self.student_sample(b, step, with_grad=False, stream="critic_rollout").detach()
-        t = self.score_timesteps(b, "critic_timestep")
+        t = self.score_timesteps(b, "critic_timestep", self.score_floor(self.exit_index("critic_rollout", step)))
         eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "critic_noise", device=x0.device)
         x_t = a.add_noise(x0, eps, t)
         if not self.gan:
