@@ -384,9 +384,12 @@ def test_bad_experts_are_one_line(wan22, tiny_wan, toy_data, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Slow: 2 ranks == 1 rank, and the 5B's DMD2 on 2 ranks
 
-RANKS_ATOL = 1e-5
+RANKS_ATOL = 3e-5
 """fp32 finetunes on 1 rank (batch 4) and 2 ranks (2 each) differ only in summation order (~1e-7 relative); Adam
-turns that into weight differences far below one step (lr 1e-3)."""
+turns that into weight differences far below one step (lr 1e-3). Adam divides each element's step by its own
+gradient scale, so an element whose gradient is near zero carries the summation noise further: on one machine one
+element of the A14B's 4096 in low-expert blocks.3.attn1.to_k moved by 1.19e-5 (the rest below 1e-5, as on another
+machine). 3e-5 is 3% of one step; a wrong reduction or a dropped sample moves weights by a whole step."""
 
 
 def exported(out, base, tmp) -> dict[str, torch.Tensor]:
@@ -422,7 +425,7 @@ def test_finetune_two_ranks_equal_one_rank(wan22, toy_data, toy_5b, tmp_path, va
     a, b = outs[1], outs[2]
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=RANKS_ATOL, msg=k)
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=RANKS_ATOL, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.slow
