@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from conftest import dmd2_recipe, write_recipe
+from conftest import dmd2_recipe, three_role_dmd2_recipe, write_recipe
 from ds_distill.dispatch import build_runtime, check_recipe
 from ds_distill.engines import Strategy
 from ds_distill.utils import rng
@@ -18,10 +18,11 @@ W = 2.0
 
 
 @pytest.fixture(scope="module")
-def runtime(dist_env, tiny_wan, toy_data, tmp_path_factory):
+def runtime(dist_env, three_wans, toy_data, tmp_path_factory):
+    """Student, teacher and critic with different weights (`three_wans`), ZeRO-3 at persistence threshold 0."""
     tmp = tmp_path_factory.mktemp("dmd2")
-    recipe = dmd2_recipe(tiny_wan, toy_data, tmp / "out", train_batch_size=2, max_grad_norm=0.0,
-                         data_path=str(toy_data / "text_only"), gradient_checkpointing=True)
+    recipe = three_role_dmd2_recipe(three_wans, toy_data, tmp / "out", train_batch_size=2, max_grad_norm=0.0,
+                                    data_path=str(toy_data / "text_only"), gradient_checkpointing=True)
     path = write_recipe(tmp / "r.yaml", recipe)
     checked = check_recipe(load_recipe(path))
     rt = build_runtime(checked, Strategy(dist_env))
@@ -30,8 +31,8 @@ def runtime(dist_env, tiny_wan, toy_data, tmp_path_factory):
     return rt
 
 
-def plain(tiny_wan):
-    return WanTransformer3DModel.from_pretrained(tiny_wan / "transformer").float()
+def plain(model_dir):
+    return WanTransformer3DModel.from_pretrained(model_dir / "transformer").float()
 
 
 def shifted(raw: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ def early_step(stream, start):
     return next(s for s in range(start, start + 400, 2) if rng.shared_randint(4, 0, stream, s) < len(STEPS_RAW) - 1)
 
 
-def test_generator_gradient_matches_independent_computation(runtime, tiny_wan, phased):
+def test_generator_gradient_matches_independent_computation(runtime, three_wans, phased):
     m, a = runtime.method, runtime.adapter
     raw = next(runtime.loader)
     b = a.prepare_batch(raw, latents_source="zeros")
@@ -110,7 +111,7 @@ def test_generator_gradient_matches_independent_computation(runtime, tiny_wan, p
     got = full_grads(m.student.module)
     m.student.engine.optimizer.zero_grad()
 
-    student, critic, teacher = plain(tiny_wan), plain(tiny_wan), plain(tiny_wan)
+    student, critic, teacher = (plain(three_wans[r]) for r in ("student", "critic", "teacher"))
     ids, shape, cond = b.sample_ids, b.latent_shape, b.cond.float()
     k = rng.shared_randint(4, 0, "rollout_noise", step)
     x0_gen = reference_sample(student, ids, shape, cond, k, "rollout_noise", grad=True)
@@ -134,7 +135,7 @@ def test_generator_gradient_matches_independent_computation(runtime, tiny_wan, p
     assert any(float(v.abs().max()) > 0 for v in got.values())
 
 
-def test_critic_loss_matches_independent_computation(runtime, tiny_wan, phased):
+def test_critic_loss_matches_independent_computation(runtime, three_wans, phased):
     m, a = runtime.method, runtime.adapter
     raw = next(runtime.loader)
     b = a.prepare_batch(raw, latents_source="zeros")
@@ -144,7 +145,7 @@ def test_critic_loss_matches_independent_computation(runtime, tiny_wan, phased):
     got = full_grads(m.critic.module)
     m.critic.engine.optimizer.zero_grad()
 
-    student, critic = plain(tiny_wan), plain(tiny_wan)
+    student, critic = plain(three_wans["student"]), plain(three_wans["critic"])
     ids, shape, cond = b.sample_ids, b.latent_shape, b.cond.float()
     k = rng.shared_randint(4, 0, "critic_rollout", step)
     x0 = reference_sample(student, ids, shape, cond, k, "critic_rollout", grad=False)
