@@ -704,12 +704,11 @@ def role_family(rc: RoleCheckpoint, run: tuple[Path, dict | None]):
     recipe, data = run
     if data is None:
         return get_family("wan", str(recipe), "recipe.family")()
-    role = (data.get("roles") or {}).get(rc.role)
-    name = role.get("family") if isinstance(role, dict) else None
-    key = f"roles.{rc.role}.family"
-    if name is None:
-        name, key = (data.get("recipe") or {}).get("family") if isinstance(data.get("recipe"), dict) else None, \
-            "recipe.family"
+    role, head = (data.get("roles") or {}).get(rc.role), data.get("recipe")
+    if isinstance(role, dict) and role.get("family"):
+        name, key = role["family"], f"roles.{rc.role}.family"
+    else:
+        name, key = (head.get("family") if isinstance(head, dict) else None), "recipe.family"
     if not name:
         raise UserError(f"{recipe}: names no model family (recipe.family) for role {rc.role}; restore it from the "
                         "run's launch recipe")
