@@ -63,6 +63,13 @@ class DMD2Config:
     has to match); the last step's keep [min, max]. Early steps then see only smooth high-noise scores, which move
     mass between modes, not the sharp low-noise ones that pull samples into the nearest mode (after the
     subinterval score matching of Phased DMD, Fan et al. 2025). False: every step over [min, max], as before."""
+    critic_rollout: Literal["random_exit", "final"] = "random_exit"
+    """Which student samples the critic learns. `random_exit`: the x0 of a rollout stopped at a random step, like the
+    student's own updates, so the critic's fake score is that of a mix of every step's outputs. `final`: always the
+    x0 of the whole few-step rollout (the samples the student is used for), over the whole [min, max] range. With
+    `phased_scores` the early steps' blurred outputs otherwise sit in the critic's high-noise rows, its fake score
+    there leans toward their mean, and the last step, compared with it, is pushed past the data (the toy ring's
+    radius overshoots); `final` keeps that row set to what the sampler returns. The student's exits stay random."""
     critic_learning_rate: Optional[float] = None
     """Critic learning rate (default: training.learning_rate)."""
     critic_betas: Optional[list[float]] = None
@@ -276,7 +283,10 @@ class DMD2Method(DistillMethod):
         return t.clamp(lo, hi)
 
     def exit_index(self, stream: str, step: int) -> int:
-        """The step k at which a rollout on `stream` stops at iteration `step` (the same on every rank)."""
+        """The step k at which a rollout on `stream` stops at iteration `step` (the same on every rank); the critic's
+        rollout runs to the last step under `critic_rollout: final`."""
+        if stream == "critic_rollout" and self.config.critic_rollout == "final":
+            return self.exit_steps[-1]
         return self.exit_steps[rng.shared_randint(len(self.exit_steps), self.seed, stream, step)]
 
     def score_floor(self, k: int) -> Optional[float]:
