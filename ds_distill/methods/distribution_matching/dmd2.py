@@ -66,7 +66,8 @@ class DMD2Config:
     critic_rollout: Literal["random_exit", "final"] = "random_exit"
     """Which student samples the critic learns. `random_exit`: the x0 of a rollout stopped at a random step, like the
     student's own updates, so the critic's fake score is that of a mix of every step's outputs. `final`: always the
-    x0 of the whole few-step rollout (the samples the student is used for), over the whole [min, max] range. With
+    x0 of the whole few-step rollout (the samples the student is used for; for a student that trains part of the
+    timestep range, e.g. one expert, its last step in that range), over the whole [min, max] range. With
     `phased_scores` the early steps' blurred outputs otherwise sit in the critic's high-noise rows, its fake score
     there leans toward their mean, and the last step, compared with it, is pushed past the data (the toy ring's
     radius overshoots); `final` keeps that row set to what the sampler returns. The student's exits stay random."""
