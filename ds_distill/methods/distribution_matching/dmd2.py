@@ -284,10 +284,7 @@ class DMD2Method(DistillMethod):
         return t.clamp(lo, hi)
 
     def exit_index(self, stream: str, step: int) -> int:
-        """The step k at which a rollout on `stream` stops at iteration `step` (the same on every rank); the critic's
-        rollout runs to the last step under `critic_rollout: final`."""
-        if stream == "critic_rollout" and self.config.critic_rollout == "final":
-            return self.exit_steps[-1]
+        """The step k at which a rollout on `stream` stops at iteration `step` (the same on every rank)."""
         return self.exit_steps[rng.shared_randint(len(self.exit_steps), self.seed, stream, step)]
 
     def score_floor(self, k: int) -> Optional[float]:
@@ -296,10 +293,16 @@ class DMD2Method(DistillMethod):
             return None
         return float(self.step_timesteps[k + 1])
 
-    def student_sample(self, b: TrainingBatch, step: int, with_grad: bool, stream: str) -> torch.Tensor:
-        """x0 from the student's few-step schedule, stopping at a shared exit index k (graph only at step k)."""
+    def critic_exit(self, step: int) -> int:
+        """Where the critic's rollout stops: a random step, or the last under `critic_rollout: final`."""
+        return self.exit_steps[-1] if self.config.critic_rollout == "final" else self.exit_index("critic_rollout", step)
+
+    def student_sample(self, b: TrainingBatch, step: int, with_grad: bool, stream: str,
+                       k: Optional[int] = None) -> torch.Tensor:
+        """x0 from the student's few-step schedule, stopping at step k (default: the shared `exit_index`); graph only
+        at step k."""
         a, steps = self.adapter, self.step_timesteps
-        k = self.exit_index(stream, step)
+        k = self.exit_index(stream, step) if k is None else k
         ts = [steps[i].expand(b.batch_size) for i in range(len(steps))]
         dev = a.device
         if self.config.rollout_mode == "data":
@@ -355,8 +358,9 @@ class DMD2Method(DistillMethod):
         return getattr(self.critic.module, GAN_HEAD)(features)
 
     def generator_loss(self, b: TrainingBatch, step: int) -> torch.Tensor:
-        x0_gen = self.student_sample(b, step, with_grad=True, stream="rollout_noise")
-        target = self.dmd_target(x0_gen, b, self.score_floor(self.exit_index("rollout_noise", step)))
+        k = self.exit_index("rollout_noise", step)
+        x0_gen = self.student_sample(b, step, with_grad=True, stream="rollout_noise", k=k)
+        target = self.dmd_target(x0_gen, b, self.score_floor(k))
         loss = 0.5 * self.mse(x0_gen, target)
         if self.gan:  # through the frozen critic and head: only the student gets gradients
             t = self.gan_timesteps(b, "gan_timestep")
@@ -370,8 +374,9 @@ class DMD2Method(DistillMethod):
 
     def critic_loss(self, b: TrainingBatch, step: int) -> torch.Tensor:
         a = self.adapter
-        x0 = self.student_sample(b, step, with_grad=False, stream="critic_rollout").detach()
-        t = self.score_timesteps(b, "critic_timestep", self.score_floor(self.exit_index("critic_rollout", step)))
+        k = self.critic_exit(step)
+        x0 = self.student_sample(b, step, with_grad=False, stream="critic_rollout", k=k).detach()
+        t = self.score_timesteps(b, "critic_timestep", self.score_floor(k))
         eps = rng.per_sample_randn(b.latent_shape, b.sample_ids, self.seed, "critic_noise", device=x0.device)
         x_t = a.add_noise(x0, eps, t)
         if not self.gan:
